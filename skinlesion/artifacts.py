@@ -1,0 +1,74 @@
+"""What a finished evaluation leaves in a run folder, for training and `evaluate` alike.
+
+Per split: ``predictions_<split>.csv`` (per-class probabilities), ``confusion_matrix_<split>.csv/.png``
+(counts and row-normalised) and ``classification_report_<split>.csv/.json/.txt``. Metrics are computed
+from the probabilities with the same torchmetrics definitions the training loop logs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import classification_report, confusion_matrix
+
+from skinlesion.models.metrics import classification_metrics
+from skinlesion.plots import plot_confusion_matrix
+
+
+def probability_metrics(probs: torch.Tensor, labels: torch.Tensor, split: str, classes: Sequence[str]) -> dict:
+    """``split/name`` metrics of probabilities against labels, plus ``split/nll``."""
+    metrics = classification_metrics(split, classes)
+    metrics.update(probs, labels)
+    values = {k: float(v) for k, v in metrics.compute().items()}
+    picked = probs.gather(1, labels[:, None]).clamp_min(1e-12)
+    values[f"{split}/nll"] = float(-picked.log().mean())
+    return values
+
+
+def predictions_frame(
+    image_ids: Sequence[str], labels: np.ndarray | None, probs: np.ndarray, classes: Sequence[str]
+) -> pd.DataFrame:
+    frame = pd.DataFrame({"image_id": list(image_ids)})
+    if labels is not None:
+        frame["true"] = [classes[i] for i in labels]
+    for k, name in enumerate(classes):
+        frame[f"prob_{name}"] = probs[:, k]
+    frame["pred"] = [classes[i] for i in probs.argmax(axis=1)]
+    return frame
+
+
+def write_split_artifacts(
+    out_dir: Path,
+    split: str,
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    image_ids: Sequence[str],
+    classes: Sequence[str],
+) -> dict:
+    """Write the split's predictions, confusion matrix and classification report; return its metrics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    y_true, y_prob = labels.numpy(), probs.numpy()
+    y_pred = y_prob.argmax(axis=1)
+    predictions_frame(image_ids, y_true, y_prob, classes).to_csv(out_dir / f"predictions_{split}.csv", index=False)
+
+    ids = list(range(len(classes)))
+    counts = confusion_matrix(y_true, y_pred, labels=ids)
+    pd.DataFrame(counts, index=pd.Index(classes, name="true"), columns=classes).to_csv(
+        out_dir / f"confusion_matrix_{split}.csv"
+    )
+    plot_confusion_matrix(counts, classes, out_dir / f"confusion_matrix_{split}.png", title=split)
+
+    report = classification_report(
+        y_true, y_pred, labels=ids, target_names=list(classes), output_dict=True, zero_division=0
+    )
+    (out_dir / f"classification_report_{split}.json").write_text(json.dumps(report, indent=2) + "\n")
+    rows = {k: v for k, v in report.items() if isinstance(v, dict)}
+    pd.DataFrame(rows).T.rename_axis("class").to_csv(out_dir / f"classification_report_{split}.csv")
+    text = classification_report(y_true, y_pred, labels=ids, target_names=list(classes), digits=4, zero_division=0)
+    (out_dir / f"classification_report_{split}.txt").write_text(text)
+    return probability_metrics(probs, labels, split, classes)

@@ -1,0 +1,67 @@
+"""Per-epoch history (``history.csv``), training curves, and the run's training time and throughput.
+
+The history is rewritten after every validation epoch, so a run that crashes or is stopped still leaves
+its curves up to that point.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+from lightning.pytorch.callbacks import Callback
+
+from skinlesion.plots import plot_training_curves
+
+HISTORY_FILE = "history.csv"
+CURVES_FILE = "training_curves.png"
+
+
+class TrainingHistory(Callback):
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = Path(output_dir)
+        self.rows: list[dict] = []
+        self.train_time_s = 0.0  # training epochs only (no validation)
+        self.train_images = 0
+        self._epoch_start = 0.0
+        self._epoch_images = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.train_images / self.train_time_s if self.train_time_s else float("nan")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()
+        self._epoch_images = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._epoch_images += len(batch["label"])
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        elapsed = time.perf_counter() - self._epoch_start
+        self.train_time_s += elapsed
+        self.train_images += self._epoch_images * trainer.world_size
+        row = {"epoch": trainer.current_epoch, "epoch_time_s": round(elapsed, 3)}
+        row["images_per_s"] = round(self._epoch_images * trainer.world_size / max(elapsed, 1e-9), 1)
+        for group in trainer.optimizers[0].param_groups:
+            row[f"lr/{group.get('name', 'group')}"] = group["lr"]
+        row["trainable_params"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        row |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        self.rows.append(row)
+        if trainer.is_global_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(self.rows).to_csv(self.output_dir / HISTORY_FILE, index=False)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and self.rows:
+            plot_training_curves(pd.DataFrame(self.rows), self.output_dir / CURVES_FILE)
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows, "train_time_s": self.train_time_s, "train_images": self.train_images}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = list(state_dict.get("rows", []))
+        self.train_time_s = float(state_dict.get("train_time_s", 0.0))
+        self.train_images = int(state_dict.get("train_images", 0))

@@ -1,0 +1,36 @@
+"""Where the Hydra config tree lives, and the resolvers it uses.
+
+Importing this module registers the resolvers, so every entry point and every test that composes a
+config imports it first.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def _auto_precision() -> str:
+    """bf16 mixed precision where the GPU supports it, full fp32 elsewhere (CPU runs, old GPUs)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+# A short random token per config (cached): two runs started in the same second get different folders,
+# while every job of one multirun shares the sweep folder (Hydra copies the resolver cache to its jobs).
+OmegaConf.register_new_resolver("run_token", lambda: secrets.token_hex(3), use_cache=True, replace=True)
+OmegaConf.register_new_resolver("auto_precision", _auto_precision, use_cache=True, replace=True)
+
+
+def to_plain(value: Any) -> Any:
+    """Plain dicts and lists instead of OmegaConf containers: checkpoints must load with weights_only."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value

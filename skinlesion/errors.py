@@ -1,0 +1,25 @@
+"""Errors that mean "the user must change an input or a setting", printed as one line, not a traceback."""
+
+
+class SkinLesionError(Exception):
+    """A problem with user input (data, config, checkpoint) that the message tells how to fix."""
+
+
+class DataError(SkinLesionError):
+    """The dataset on disk is missing, malformed or cannot be split as asked."""
+
+
+class ConfigError(SkinLesionError):
+    """A setting is invalid or inconsistent with another one."""
+
+
+class CheckpointError(SkinLesionError):
+    """A checkpoint file is missing, corrupt or belongs to another backbone."""
+
+
+class WeightsError(SkinLesionError):
+    """Pretrained weights could not be loaded from the hub or from a local file."""
+
+
+class TrainingDivergedError(SkinLesionError):
+    """The loss became NaN or infinite."""

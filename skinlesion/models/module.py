@@ -1,0 +1,216 @@
+"""The LightningModule shared by all five backbones.
+
+It takes uint8 batches and normalises them on the device with the backbone's own mean/std, weights the
+loss with the DataModule's class weights (kept as a buffer, so they are in every checkpoint), logs
+``split/metric`` values, and keeps each evaluation epoch's logits so that the run artifacts, the
+temperature fit and the Grad-CAM gallery need no second pass over the data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+
+from skinlesion.config import to_plain
+from skinlesion.data.preprocessing import Preprocessing
+from skinlesion.errors import ConfigError, TrainingDivergedError
+from skinlesion.labels import CLASSES
+from skinlesion.models.backbone import BackboneSpec, create_backbone, get_module, resolve_blocks
+from skinlesion.models.metrics import classification_metrics
+from skinlesion.models.optim import param_groups
+
+log = logging.getLogger(__name__)
+
+
+class SkinLesionClassifier(L.LightningModule):
+    def __init__(
+        self,
+        model: Mapping,
+        optimizer: Mapping | None = None,
+        scheduler: Mapping | None = None,
+        loss: Mapping | None = None,
+        backbone_lr: float = 1e-5,
+        image_size: int | None = None,
+        channels_last: bool | str = "auto",
+        compile: bool = False,
+        class_names: Sequence[str] = CLASSES,
+        preprocessing: Mapping | None = None,
+    ) -> None:
+        super().__init__()
+        model, optimizer, scheduler, loss = (to_plain(v) for v in (model, optimizer, scheduler, loss))
+        self.spec = BackboneSpec.from_config(model)
+        self.class_names = tuple(class_names)
+        self.backbone = create_backbone(self.spec, num_classes=len(self.class_names))
+        self.preprocessing = (
+            Preprocessing.from_dict(preprocessing)
+            if preprocessing
+            else Preprocessing.from_model(self.backbone, image_size)
+        )
+        if self.preprocessing.image_size < self.spec.min_input_size:
+            raise ConfigError(
+                f"image size {self.preprocessing.image_size} is too small for {self.spec.name}: it needs at least "
+                f"{self.spec.min_input_size} px; raise data.image_size"
+            )
+        self.save_hyperparameters(
+            {
+                "model": model,
+                "optimizer": optimizer or {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
+                "scheduler": scheduler or {},
+                "loss": loss or {"_target_": "skinlesion.models.losses.CrossEntropy"},
+                "backbone_lr": backbone_lr,
+                "image_size": self.preprocessing.image_size,
+                "channels_last": channels_last,
+                "compile": compile,
+                "class_names": list(self.class_names),
+                "preprocessing": self.preprocessing.to_dict(),
+            }
+        )
+        self.criterion = instantiate(self.hparams.loss)
+        self.register_buffer("mean", torch.tensor(self.preprocessing.mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(self.preprocessing.std).view(1, 3, 1, 1) * 255)
+        self.register_buffer("class_weights", torch.ones(len(self.class_names)))
+        self.register_buffer("use_class_weights", torch.tensor(False))
+        self.register_buffer("temperature", torch.ones(()))  # set by calibration after training
+        self.train_metrics = classification_metrics("train", self.class_names, full=False)
+        self.val_metrics = classification_metrics("val", self.class_names)
+        self.test_metrics = classification_metrics("test", self.class_names)
+        self.outputs: dict[str, dict[str, torch.Tensor]] = {}  # last epoch's logits per split
+        self._collected: dict[str, list] = {}
+
+    # ---- model ------------------------------------------------------------------------------------------
+    @property
+    def uses_channels_last(self) -> bool:
+        setting = self.hparams.channels_last
+        return self.device.type == "cuda" if setting == "auto" else bool(setting)
+
+    def blocks(self) -> list[list[torch.nn.Module]]:
+        return resolve_blocks(self.backbone, self.spec)
+
+    def gradcam_layer(self) -> torch.nn.Module:
+        return get_module(self.backbone, self.spec.gradcam_layer, f"model.gradcam_layer of {self.spec.name}")
+
+    def configure_model(self) -> None:
+        if self.uses_channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        if self.hparams.compile:
+            self.backbone.compile()  # in place: parameter names (and so checkpoints) stay the same
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW on the device -> normalised float, in the backbone's layout."""
+        if images.dtype == torch.uint8:
+            images = (images.float() - self.mean) / self.std
+        if self.uses_channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for normalised float images."""
+        return self.backbone(images)
+
+    def predict_proba(self, images: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
+        logits = self(self.normalize(images)).float()
+        return (logits / self.temperature if calibrated else logits).softmax(dim=1)
+
+    def set_class_weights(self, weights: torch.Tensor | None) -> None:
+        self.use_class_weights.fill_(weights is not None)
+        if weights is not None:
+            self.class_weights.copy_(weights.to(self.class_weights))
+
+    # ---- Lightning hooks ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and datamodule is not None and hasattr(datamodule, "class_weights"):
+            self.set_class_weights(datamodule.class_weights)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        batch["image"] = self.normalize(batch["image"])
+        return batch
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weight = self.class_weights if bool(self.use_class_weights) else None
+        return self.criterion(logits, target, weight)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self._loss(logits, batch["label"])
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        self.train_metrics(logits.detach().float().softmax(1), batch["label"])
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("train/loss")
+        if loss is not None and not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"train/loss became {loss.item()} in epoch {self.current_epoch}; lower optimizer.lr or "
+                "finetune.backbone_lr, or set trainer.gradient_clip_val=1.0"
+            )
+
+    def _eval_step(self, split: str, batch: dict) -> None:
+        logits = self(batch["image"]).float()
+        self.log(f"{split}/loss", self._loss(logits, batch["label"]), on_epoch=True, batch_size=len(logits))
+        getattr(self, f"{split}_metrics").update(logits.softmax(1), batch["label"])
+        self._collected.setdefault(split, []).append((logits.detach(), batch["label"], batch["index"]))
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _end_eval_epoch(self, split: str) -> None:
+        metrics = getattr(self, f"{split}_metrics")
+        self.log_dict(metrics.compute())
+        metrics.reset()
+        chunks = self._collected.pop(split, [])
+        if not chunks:
+            return
+        logits, labels, indices = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+        if self.trainer.world_size > 1:  # every rank keeps the whole split's outputs, once per image
+            logits, labels, indices = (self.all_gather(t).flatten(0, 1) for t in (logits, labels, indices))
+            indices, first = _first_occurrences(indices)
+            logits, labels = logits[first], labels[first]
+        self.outputs[split] = {
+            k: t.cpu().clone() for k, t in (("logits", logits), ("labels", labels), ("indices", indices))
+        }
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval_epoch("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        logits = self(batch["image"]).float()
+        return {"probs": (logits / self.temperature).softmax(1), "index": batch["index"]}
+
+    def configure_optimizers(self) -> Any:
+        optimizer = instantiate(self.hparams.optimizer)(param_groups(self.backbone, self.hparams.backbone_lr))
+        settings = dict(self.hparams.scheduler or {})
+        if not settings:
+            return optimizer
+        interval = settings.pop("interval", "epoch")
+        monitor = settings.pop("monitor", None)
+        runtime = {}
+        if interval == "step":  # step-wise schedules are told the run's length
+            total = int(self.trainer.estimated_stepping_batches)
+            runtime = {"total_steps": total, "steps_per_epoch": max(1, total // max(1, self.trainer.max_epochs))}
+        scheduler = instantiate(settings)(optimizer, **runtime)
+        config = {"scheduler": scheduler, "interval": interval}
+        if monitor:
+            config["monitor"] = monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def _first_occurrences(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique indices and the position of each one's first occurrence (DistributedSampler pads)."""
+    unique, inverse = torch.unique(indices, return_inverse=True)
+    positions = torch.arange(len(indices), device=indices.device)
+    first = torch.full((len(unique),), len(indices), device=indices.device, dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    return unique, first

@@ -1,0 +1,7 @@
+"""Placeholder, replaced below."""
+
+from hydra.experimental.callback import Callback
+
+
+class MultirunReport(Callback):
+    pass

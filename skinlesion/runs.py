@@ -1,0 +1,74 @@
+"""The run folder: its files, written so that a crash never leaves a half-written one.
+
+A run folder holds ``config.yaml`` (resolved), ``metrics.json``, ``history.csv``, plots, split and
+prediction CSVs and ``checkpoints/``. ``metrics.json`` has ``status`` ``completed`` or ``failed`` (with
+the error), which is how the comparison report tells failed jobs from finished ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
+CHECKPOINT_DIR = "checkpoints"
+RUNS_DIR = "runs"
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item"):  # numpy and torch scalars
+        return _json_safe(value.item())
+    return value
+
+
+def write_json(path: Path, data: Mapping) -> None:
+    """Atomic: written to a temporary file, then renamed over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def resume_run_dir(argv: Sequence[str], outputs: Path, task: str = "train") -> list[str]:
+    """Extra overrides so that ``ckpt_path=...`` resumes inside the run folder that wrote the checkpoint.
+
+    ``ckpt_path=PATH`` inside ``<run>/checkpoints/`` resumes in ``<run>``; ``ckpt_path=last`` without a
+    ``hydra.run.dir`` picks the most recent run under ``outputs/<task>/runs`` that has a ``last.ckpt``.
+    """
+    args = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith(("+", "~")))
+    if "ckpt_path" not in args or "hydra.run.dir" in args or "-m" in argv or "--multirun" in argv:
+        return []
+    value = args["ckpt_path"]
+    if value in ("", "null"):
+        return []
+    if value == "last":
+        candidates = sorted(
+            (outputs / task / RUNS_DIR).glob(f"*/{CHECKPOINT_DIR}/last.ckpt"), key=lambda p: p.stat().st_mtime
+        )
+        return [f"hydra.run.dir={candidates[-1].parent.parent}"] if candidates else []
+    path = Path(value).expanduser()
+    if path.parent.name == CHECKPOINT_DIR and (path.parent.parent / CONFIG_FILE).is_file():
+        return [f"hydra.run.dir={path.parent.parent.resolve()}"]
+    return []

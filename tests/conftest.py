@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny synthetic dataset (made once per session) and configs composed into tmp_path.
+
+Every test runs on the CPU with random weights (``model.pretrained=false``) and tiny images; nothing is
+downloaded. The real HAM10000 subset is used only where present (``ham_subset`` skips otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from skinlesion.config import CONFIG_DIR
+from skinlesion.data.synthetic import generate
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HAM_SUBSET = REPO_ROOT.parent / "shared" / "data" / "ham10000-subset"
+# Small enough to generate in about a second, large enough for a grouped 70/15/15 split of every class.
+TINY_SYNTHETIC = {"n_images": 420, "seed": 0, "width": 120, "height": 90, "min_lesions_per_class": 10}
+
+
+def compose_config(name: str = "train", overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose ``conf/<name>.yaml`` with Hydra's compose API, as the entry points would."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate(tmp_path_factory.mktemp("synthetic") / "ham10000", **TINY_SYNTHETIC)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("image-cache")
+
+
+def tiny_train_overrides(root: Path, data_root: Path, cache: Path) -> list[str]:
+    """A CPU-sized training config: MobileNetV2 at 32 px, two epochs (stage 2 from epoch 1), no workers."""
+    return [
+        f"paths.root_dir={root}",
+        f"paths.output_dir={root / 'run'}",
+        "data=synthetic",
+        f"data.root={data_root}",
+        "data.synthetic=null",
+        f"data.cache.dir={cache}",
+        "data.image_size=32",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "model=mobilenetv2",
+        "model.pretrained=false",
+        "trainer=cpu",
+        "trainer.max_epochs=2",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "finetune.unfreeze_at_epoch=1",
+        "finetune.num_blocks=1",
+        "gallery.enabled=false",
+    ]
+
+
+@pytest.fixture
+def train_cfg(tmp_path: Path, synthetic_root: Path, cache_dir: Path) -> Callable[..., DictConfig]:
+    """``train_cfg("model=resnet50", ...)``: the tiny training config plus overrides, outputs in tmp_path."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_config("train", tiny_train_overrides(tmp_path, synthetic_root, cache_dir) + list(overrides))
+
+    return make
+
+
+@pytest.fixture
+def ham_subset() -> Path:
+    if not (HAM_SUBSET / "HAM10000_metadata.csv").is_file():
+        pytest.skip(f"real HAM10000 subset not present at {HAM_SUBSET} (only on development machines)")
+    return HAM_SUBSET
