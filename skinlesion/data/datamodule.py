@@ -1,0 +1,336 @@
+"""One LightningDataModule for HAM10000, ISIC 2018 Task 3 and the synthetic set.
+
+Loading goes: records from the layout -> every listed file checked (a bad file stops the run here,
+before any decoding, unless ``on_bad_image=skip``) -> decoded-image cache (optional) -> leak-free split
+-> datasets. An external test set (``test_set``) goes through the same checks and must share no image
+or lesion with the main dataset. The model's own preprocessing (:class:`Preprocessing`) decides the
+input size and interpolation; normalisation happens on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from skinlesion.config import to_plain
+from skinlesion.data import synthetic as synthetic_data
+from skinlesion.data.cache import ImageCache, open_or_build_cache
+from skinlesion.data.checks import apply_bad_image_policy, check_policy, find_bad_images, write_csv
+from skinlesion.data.dataset import LesionDataset
+from skinlesion.data.images import DEFAULT_MAX_PIXELS
+from skinlesion.data.layouts import load_records
+from skinlesion.data.preprocessing import Preprocessing
+from skinlesion.data.splits import assign_splits, check_disjoint, resolve_fractions
+from skinlesion.data.transforms import eval_transform, train_transform
+from skinlesion.errors import ConfigError
+from skinlesion.labels import CLASSES, NUM_CLASSES
+
+log = logging.getLogger(__name__)
+
+CLASS_WEIGHTINGS = ("balanced", "sqrt", "none")
+SPLIT_FILE = "split.csv"
+SKIPPED_FILE = "skipped_images.csv"
+BAD_FILE = "bad_images.csv"
+MAIN, EXTERNAL = "main", "test_set"  # values of the records' "source" column
+SPLIT_COLUMNS = ["image_id", "lesion_id", "dx", "label", "split", "source"]
+
+
+def class_weights_from_counts(counts: np.ndarray, mode: str) -> torch.Tensor | None:
+    """Loss weights per class: ``balanced`` = n / (k * n_c) (scikit-learn's), ``sqrt`` its square root."""
+    check_class_weighting(mode)
+    if mode == "none":
+        return None
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    if mode == "sqrt":
+        weights[present] = np.sqrt(weights[present])
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def check_class_weighting(mode: str) -> None:
+    if mode not in CLASS_WEIGHTINGS:
+        raise ConfigError(f"data.class_weights='{mode}' is not valid; choose one of {', '.join(CLASS_WEIGHTINGS)}")
+
+
+class SkinLesionDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        root: str,
+        layout: str = "auto",
+        subset: str = "Training",
+        synthetic: Mapping | None = None,
+        split: Mapping | None = None,
+        test_set: Mapping | None = None,
+        class_weights: str = "balanced",
+        balanced_sampler: bool = False,
+        image_size: int | None = None,
+        center_crop: bool = False,
+        augment: Mapping | None = None,
+        cache: Mapping | bool | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
+        on_bad_image: str = "error",
+        max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        preprocessing: Preprocessing | Mapping | None = None,
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        # Everything but the run-specific arguments goes into checkpoints, so `evaluate` can rebuild the split.
+        self.save_hyperparameters(ignore=["preprocessing", "output_dir"])
+        for key, value in self.hparams.items():
+            self.hparams[key] = to_plain(value)
+        if isinstance(preprocessing, Mapping):
+            preprocessing = Preprocessing.from_dict(preprocessing)
+        if preprocessing is not None and image_size and int(image_size) != preprocessing.image_size:
+            raise ConfigError(
+                f"data.image_size={image_size} differs from the model's input size {preprocessing.image_size}; "
+                "set one image size for both (the model takes data.image_size)"
+            )
+        self.preprocessing = preprocessing
+        self.output_dir = Path(output_dir) if output_dir else None
+        self._check_settings()
+        self.records: pd.DataFrame | None = None  # every usable record, with "split" and "source" columns
+        self.skipped: pd.DataFrame | None = None  # the unusable images that on_bad_image=skip dropped
+        self._caches: dict[str, ImageCache] = {}  # source -> its decoded-image cache
+        self.datasets: dict[str, LesionDataset] = {}
+
+    def _check_settings(self) -> None:
+        """Invalid settings fail at construction, before any file is read."""
+        check_class_weighting(self.hparams.class_weights)
+        check_policy(self.hparams.on_bad_image)
+        # The strategy's default fractions are written in, so checkpoints rebuild this split even if a
+        # later version changes the defaults.
+        split = dict(strategy="lesion_grouped", val=None, test=None, seed=42, num_folds=None, fold=None)
+        split.update(dict(self.hparams.split or {}))
+        split["val"], split["test"] = resolve_fractions(split["strategy"], split["val"], split["test"])
+        self.hparams.split = split
+        if self.hparams.test_set is not None and "root" not in self.hparams.test_set:
+            raise ConfigError("data.test_set needs a root (the folder of the external test set)")
+        if self.hparams.balanced_sampler and self.hparams.class_weights != "none":
+            log.warning(
+                "data.balanced_sampler=true with data.class_weights=%s corrects the imbalance twice; "
+                "usually one of them is wanted (set data.class_weights=none)",
+                self.hparams.class_weights,
+            )
+
+    # ---- settings -------------------------------------------------------------------------------------
+    @property
+    def split_settings(self) -> dict[str, Any]:
+        settings = dict(self.hparams.split)
+        if self.hparams.test_set:
+            settings["test"] = 0.0  # the external set is the test split
+        return settings
+
+    @property
+    def cache_settings(self) -> dict[str, Any]:
+        settings = {"enabled": True, "dir": "data/cache", "size": None}
+        cache = self.hparams.cache
+        settings.update({"enabled": cache} if isinstance(cache, bool) else dict(cache or {}))  # data.cache=false
+        return settings
+
+    @property
+    def image_cache_size(self) -> int:
+        """Side of the images augmentation starts from (cached or not): a little above the input size."""
+        return int(self.cache_settings["size"] or self._require_preprocessing().resize_size)
+
+    @property
+    def num_workers(self) -> int:
+        if self.hparams.num_workers is not None:
+            return int(self.hparams.num_workers)
+        return min(8, os.cpu_count() or 1)
+
+    def _require_preprocessing(self) -> Preprocessing:
+        if self.preprocessing is None:
+            raise ConfigError("the DataModule needs the model's preprocessing; pass preprocessing=Preprocessing(...)")
+        return self.preprocessing
+
+    # ---- loading --------------------------------------------------------------------------------------
+    def _load_source(self, root: str, layout: str, subset: str, name: str) -> pd.DataFrame:
+        """The usable records of one dataset folder; their images cached when the cache is enabled."""
+        records = load_records(root, layout, subset)
+        listing = records.attrs.get("listing", str(root))
+        bad = find_bad_images(records, self.hparams.max_image_pixels)
+        kept = self._apply_policy(records, bad, listing, name)  # stops here, before any decoding, on error
+        cache_rows = np.full(len(kept), -1)
+        if self.cache_settings["enabled"]:
+            pre = self._require_preprocessing()
+            cache = open_or_build_cache(
+                kept["path"].tolist(),
+                self.image_cache_size,
+                self.cache_settings["dir"],
+                pre.cv2_interpolation,
+                self.hparams.max_image_pixels,
+            )
+            self._caches[name] = cache
+            cache_rows = np.arange(len(kept))
+            if cache.bad:  # files that passed the cheap check but failed to decode
+                failed = kept.iloc[sorted(cache.bad)].assign(reason=[cache.bad[i] for i in sorted(cache.bad)])
+                bad = pd.concat([bad, failed[bad.columns]], ignore_index=True)
+                keep = ~kept["image_id"].isin(failed["image_id"]).to_numpy()
+                self._apply_policy(records, bad, listing, name)
+                kept, cache_rows = kept[keep], cache_rows[keep]
+        if not bad.empty:
+            self.skipped = pd.concat([self.skipped, bad.assign(dataset=name)], ignore_index=True)
+        return kept.assign(source=name, cache_row=cache_rows).reset_index(drop=True)
+
+    def _apply_policy(self, records: pd.DataFrame, bad: pd.DataFrame, listing: str, name: str) -> pd.DataFrame:
+        """Under ``error`` the full list of bad files is written to the run folder before the error."""
+        full_list = None
+        if not bad.empty and self.hparams.on_bad_image == "error" and self.output_dir is not None:
+            full_list = self.output_dir / (BAD_FILE if name == MAIN else f"bad_images_{name}.csv")
+            if rank_zero_only.rank == 0:
+                write_csv(bad, full_list)
+        return apply_bad_image_policy(records, bad, self.hparams.on_bad_image, listing, full_list)
+
+    def read_records(self) -> pd.DataFrame:
+        """Every usable record of the dataset and of the external test set (``source`` tells which)."""
+        if self.hparams.synthetic is not None:
+            synthetic_data.ensure_dataset(self.hparams.root, **dict(self.hparams.synthetic))
+        records = self._load_source(self.hparams.root, self.hparams.layout, self.hparams.subset, MAIN)
+        if self.hparams.test_set:
+            spec = {"layout": "auto", "subset": "Test", **dict(self.hparams.test_set)}
+            external = self._load_source(spec["root"], spec["layout"], spec["subset"], EXTERNAL)
+            records = pd.concat([records, external], ignore_index=True)
+        return records
+
+    def assign_split(self, records: pd.DataFrame) -> pd.Series:
+        """train/val/test per record: the main records split leak-free, the external test set as test."""
+        main = records["source"] == MAIN
+        settings = self.split_settings
+        split = pd.Series("test", index=records.index, name="split")
+        split[main] = assign_splits(
+            records[main],
+            settings["strategy"],
+            val=settings["val"],
+            test=settings["test"],
+            seed=int(settings["seed"]),
+            num_folds=settings["num_folds"],
+            fold=settings["fold"],
+        )
+        if not main.all():
+            check_disjoint(records[main], records[~main], str(self.hparams.test_set["root"]))
+        return split
+
+    def _load(self) -> None:
+        if self.records is not None:
+            return
+        records = self.read_records()
+        records["split"] = self.assign_split(records)
+        self.records = records
+
+    def prepare_data(self) -> None:
+        """Runs once per node: generate the synthetic set, check the files and build the cache."""
+        self._load()
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load()
+        pre = self._require_preprocessing()
+        transforms = {"train": train_transform(pre, self.hparams.augment)}
+        plain = eval_transform(pre, self.hparams.center_crop)
+        self.datasets = {
+            name: self._dataset(self.split_records(name), transforms.get(name, plain))
+            for name in ("train", "val", "test")
+            if not self.split_records(name).empty
+        }
+        self._write_run_files()
+
+    def _dataset(self, frame: pd.DataFrame, transform: A.Compose) -> LesionDataset:
+        (source,) = frame["source"].unique()  # a split never mixes the main and the external set
+        cache = self._caches.get(source)
+        return LesionDataset(
+            frame["path"].tolist(),
+            frame["label"].tolist(),
+            frame.index.tolist(),
+            transform,
+            cache=cache,
+            cache_rows=frame["cache_row"].tolist() if cache is not None else None,
+            size=self.image_cache_size,
+            interpolation=self._require_preprocessing().cv2_interpolation,
+            max_pixels=self.hparams.max_image_pixels,
+        )
+
+    @rank_zero_only
+    def _write_run_files(self) -> None:
+        if self.output_dir is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(self.records[SPLIT_COLUMNS], self.output_dir / SPLIT_FILE)
+        if self.skipped is not None and not self.skipped.empty:
+            write_csv(self.skipped, self.output_dir / SKIPPED_FILE)
+
+    # ---- what the model and the tools need -----------------------------------------------------------
+    def split_records(self, split: str) -> pd.DataFrame:
+        self._load()
+        return self.records[self.records["split"] == split]
+
+    @property
+    def has_test(self) -> bool:
+        return not self.split_records("test").empty
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return CLASSES
+
+    def class_counts(self, split: str = "train") -> np.ndarray:
+        return np.bincount(self.split_records(split)["label"], minlength=NUM_CLASSES)
+
+    @property
+    def class_weights(self) -> torch.Tensor | None:
+        """Loss weights from the training split (see :func:`class_weights_from_counts`)."""
+        return class_weights_from_counts(self.class_counts("train"), self.hparams.class_weights)
+
+    # ---- loaders --------------------------------------------------------------------------------------
+    def _loader(self, dataset: LesionDataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
+        workers = self.num_workers
+        pin = torch.cuda.is_available() if self.hparams.pin_memory is None else self.hparams.pin_memory
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=pin,
+            persistent_workers=workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._datasets()["train"]
+        sampler = None
+        if self.hparams.balanced_sampler:
+            # Each class drawn equally often; the draws follow torch's seed (seed_everything), like shuffling.
+            counts = np.bincount(dataset.labels, minlength=NUM_CLASSES)
+            sampler = WeightedRandomSampler((1.0 / counts[dataset.labels]).tolist(), len(dataset), replacement=True)
+        return self._loader(dataset, self.hparams.batch_size, shuffle=True, sampler=sampler)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        datasets = self._datasets()
+        if split not in datasets:
+            raise ConfigError(f"there is no '{split}' split; available: {', '.join(datasets)}")
+        return self._loader(datasets[split], self.hparams.eval_batch_size or 2 * self.hparams.batch_size, False)
+
+    def _datasets(self) -> dict[str, LesionDataset]:
+        if not self.datasets:  # tools that call the loaders without a Trainer
+            self.setup()
+        return self.datasets
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.eval_dataloader("test")
