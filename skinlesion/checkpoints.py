@@ -20,9 +20,14 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, pickle garbage, wrong file type
+    try:  # tensors and plain containers only: loading a checkpoint never runs code from it
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle garbage, wrong file type, foreign objects
+        if "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path}: holds Python objects besides tensors, which are not loaded for safety; "
+                "it was not written by skinlesion"
+            ) from err
         raise CheckpointError(
             f"{path}: cannot be read as a checkpoint ({type(err).__name__}); the file is corrupt or truncated — "
             "use another one from the run's checkpoints/ folder"

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pandas as pd
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 from skinlesion.plots import plot_training_curves
 
@@ -23,10 +24,13 @@ class TrainingHistory(Callback):
     def __init__(self, output_dir: str) -> None:
         self.output_dir = Path(output_dir)
         self.rows: list[dict] = []
-        self.train_time_s = 0.0  # training epochs only (no validation)
+        self.train_time_s = 0.0  # training epochs only, without the validation that runs inside them
         self.train_images = 0
         self._epoch_start = 0.0
         self._epoch_images = 0
+        self._val_start = 0.0
+        self._epoch_val_s = 0.0
+        self._restore = True
 
     @property
     def images_per_s(self) -> float:
@@ -35,15 +39,28 @@ class TrainingHistory(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
         self._epoch_images = 0
+        self._epoch_val_s = 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._epoch_images += len(batch["label"])
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._epoch_val_s += time.perf_counter() - self._val_start
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        elapsed = time.perf_counter() - self._epoch_start
+        # Lightning validates inside the training epoch, before this hook: its time is not training time.
+        elapsed = time.perf_counter() - self._epoch_start - self._epoch_val_s
         self.train_time_s += elapsed
         self.train_images += self._epoch_images * trainer.world_size
-        row = {"epoch": trainer.current_epoch, "epoch_time_s": round(elapsed, 3)}
+        row = {
+            "epoch": trainer.current_epoch,
+            "epoch_time_s": round(elapsed, 3),
+            "val_time_s": round(self._epoch_val_s, 3),
+        }
         row["images_per_s"] = round(self._epoch_images * trainer.world_size / max(elapsed, 1e-9), 1)
         for group in trainer.optimizers[0].param_groups:
             row[f"lr/{group.get('name', 'group')}"] = group["lr"]
@@ -61,7 +78,15 @@ class TrainingHistory(Callback):
     def state_dict(self) -> dict:
         return {"rows": self.rows, "train_time_s": self.train_time_s, "train_images": self.train_images}
 
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Lightning restores callback states also for validate/test(ckpt_path=...): evaluating the best
+        # checkpoint after fit must not rewind the record to that epoch. Only a resumed fit restores it.
+        self._restore = trainer.state.fn == TrainerFn.FITTING
+
     def load_state_dict(self, state_dict: dict) -> None:
+        restore, self._restore = self._restore, True
+        if not restore:
+            return
         self.rows = list(state_dict.get("rows", []))
         self.train_time_s = float(state_dict.get("train_time_s", 0.0))
         self.train_images = int(state_dict.get("train_images", 0))

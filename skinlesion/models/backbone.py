@@ -1,9 +1,13 @@
-"""All five backbones through one code path: ``timm.create_model`` with a new 7-class head.
+"""All five backbones through one code path: ``timm.create_model``, then a new 7-class head.
 
 A backbone's YAML (``conf/model/*.yaml``) names its timm model, the modules that count as its blocks
-for unfreezing (in order, stem first) and its Grad-CAM layer. Weights come from the Hugging Face hub
-(``pretrained=true``) or from a local ``.safetensors``/``.pth`` file (``weights=PATH``) through timm's
-own loader, which drops the ImageNet classifier and keeps everything else.
+for unfreezing (in order, stem first, together covering every backbone parameter once) and its Grad-CAM
+layer. ImageNet weights come from the Hugging Face hub (``pretrained=true``) or from a local
+``.safetensors``/``.pth`` file (``weights=PATH``, through timm's ``pretrained_cfg_overlay``).
+
+The model is first built with its ImageNet head so that timm loads the weights *strictly*: with a
+different class count timm drops the classifier and loads non-strictly, which would silently accept a
+file of the wrong architecture. The head is replaced afterwards with ``reset_classifier``.
 """
 
 from __future__ import annotations
@@ -45,18 +49,36 @@ class BackboneSpec:
         return cls(**values)
 
 
-def _hub_error(spec: BackboneSpec, err: Exception) -> WeightsError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return WeightsError(
-        f"could not load ImageNet weights for {spec.timm_name} from the Hugging Face hub ({reason[:200]}). "
-        f"Without network either set model.pretrained=false to train from scratch, or download the weights "
-        f"elsewhere and set model.weights=/path/to/{spec.name}.safetensors (or .pth)"
-    )
+def _summary(err: BaseException) -> str:
+    """The start of an error's text on one line (load_state_dict lists its missing keys on the next lines)."""
+    text = " ".join(str(err).split())
+    return (text or type(err).__name__)[:200]
 
 
-def create_backbone(spec: BackboneSpec, num_classes: int, pretrained: bool | None = None) -> nn.Module:
-    """The timm model with a fresh ``num_classes`` head; ``pretrained`` overrides the spec's flag."""
-    model = _create(spec, num_classes, pretrained)
+def create_backbone(spec: BackboneSpec, num_classes: int) -> nn.Module:
+    """The timm model with weights from ``spec.weights`` (a file), the hub (``spec.pretrained``) or random."""
+    overlay = {"file": str(_weights_file(spec))} if spec.weights else None
+    pretrained = bool(spec.weights) or spec.pretrained
+    kwargs = {"drop_rate": spec.drop_rate, **dict(spec.extra)}
+    if not timm.is_model(spec.timm_name):
+        raise ConfigError(f"model.timm_name={spec.timm_name}: timm has no such model (see timm.list_models())")
+    try:
+        model = timm.create_model(spec.timm_name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+    except Exception as err:  # the hub and file loaders raise network, HTTP, cache, pickle and key errors
+        if spec.weights:
+            raise WeightsError(
+                f"model.weights={spec.weights} cannot be loaded into {spec.timm_name} ({_summary(err)}); give a "
+                f"complete ImageNet state dict of {spec.timm_name} (e.g. model.safetensors from "
+                f"huggingface.co/timm/{spec.timm_name}), or set model.weights=null model.pretrained=false"
+            ) from err
+        if pretrained:
+            raise WeightsError(
+                f"could not load ImageNet weights for {spec.timm_name} from the Hugging Face hub "
+                f"({_summary(err)}). Without network either set model.pretrained=false to train from scratch, "
+                f"or download the weights elsewhere and set model.weights=/path/to/{spec.name}.safetensors (or .pth)"
+            ) from err
+        raise ConfigError(f"model.timm_name={spec.timm_name}: {_summary(err)}") from err
+    model.reset_classifier(num_classes)
     head = model.get_classifier()
     # A near-zero new head starts at uniform probabilities (loss ln 7) instead of timm's from-scratch init,
     # whose large initial logits cost the first epochs of fine-tuning.
@@ -65,36 +87,16 @@ def create_backbone(spec: BackboneSpec, num_classes: int, pretrained: bool | Non
     return model
 
 
-def _create(spec: BackboneSpec, num_classes: int, pretrained: bool | None) -> nn.Module:
-    kwargs = dict(num_classes=num_classes, drop_rate=spec.drop_rate, **dict(spec.extra))
-    use_pretrained = spec.pretrained if pretrained is None else pretrained
-    if spec.weights and use_pretrained is not False:
-        path = Path(spec.weights).expanduser()
-        if not path.is_file():
-            raise WeightsError(
-                f"model.weights={spec.weights}: file not found; give the path of a .safetensors or .pth file"
-            )
-        if path.suffix not in WEIGHT_SUFFIXES:
-            raise WeightsError(f"model.weights={path}: expected one of {', '.join(WEIGHT_SUFFIXES)}")
-        try:
-            return timm.create_model(
-                spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
-            )
-        except (RuntimeError, KeyError, ValueError, OSError) as err:
-            first = str(err).strip().splitlines()[0][:200]
-            raise WeightsError(
-                f"model.weights={path}: cannot be loaded into {spec.timm_name} ({first}); "
-                f"the file must hold a state dict of that architecture"
-            ) from err
-    if use_pretrained:
-        try:
-            return timm.create_model(spec.timm_name, pretrained=True, **kwargs)
-        except Exception as err:  # the hub raises network, HTTP and cache errors of many types
-            raise _hub_error(spec, err) from err
-    try:
-        return timm.create_model(spec.timm_name, pretrained=False, **kwargs)
-    except RuntimeError as err:  # timm: "Unknown model (...)"
-        raise ConfigError(f"model.timm_name={spec.timm_name}: {err}") from err
+def _weights_file(spec: BackboneSpec) -> Path:
+    path = Path(spec.weights).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"model.weights={spec.weights}: file not found; give the path of a .safetensors or .pth file, or set "
+            "model.weights=null to download from the Hugging Face hub (model.pretrained=true)"
+        )
+    if path.suffix not in WEIGHT_SUFFIXES:
+        raise WeightsError(f"model.weights={path}: expected one of {', '.join(WEIGHT_SUFFIXES)}")
+    return path.resolve()
 
 
 def get_module(model: nn.Module, name: str, setting: str) -> nn.Module:

@@ -21,11 +21,16 @@ HEADLINE_METRICS = ("acc", "top3_acc", "balanced_acc", "f1_macro", "auroc_macro"
 
 
 def classification_metrics(split: str, classes=CLASSES, full: bool = True) -> MetricCollection:
-    """Metrics fed with probabilities; ``full=False`` keeps the cheap ones (for the training split)."""
+    """Metrics fed with probabilities; ``full=False`` keeps the cheap ones (for the training split).
+
+    The training metrics skip torchmetrics' input checks, which read values back from the GPU and so
+    would stall every training step; evaluation keeps them.
+    """
     n = len(classes)
+    checks = {"validate_args": full}
     metrics = {
-        "acc": MulticlassAccuracy(n, average="micro"),
-        "balanced_acc": MulticlassRecall(n, average="macro"),
+        "acc": MulticlassAccuracy(n, average="micro", **checks),
+        "balanced_acc": MulticlassRecall(n, average="macro", **checks),
     }
     if full:
         metrics |= {

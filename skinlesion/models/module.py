@@ -37,12 +37,12 @@ class SkinLesionClassifier(L.LightningModule):
         backbone_lr: float = 1e-5,
         image_size: int | None = None,
         channels_last: bool | str = "auto",
-        compile: bool = False,
+        compile: bool | Mapping = False,
         class_names: Sequence[str] = CLASSES,
         preprocessing: Mapping | None = None,
     ) -> None:
         super().__init__()
-        model, optimizer, scheduler, loss = (to_plain(v) for v in (model, optimizer, scheduler, loss))
+        model, optimizer, scheduler, loss, compile = (to_plain(v) for v in (model, optimizer, scheduler, loss, compile))
         self.spec = BackboneSpec.from_config(model)
         self.class_names = tuple(class_names)
         self.backbone = create_backbone(self.spec, num_classes=len(self.class_names))
@@ -85,8 +85,12 @@ class SkinLesionClassifier(L.LightningModule):
     # ---- model ------------------------------------------------------------------------------------------
     @property
     def uses_channels_last(self) -> bool:
+        """``channels_last="auto"``: on CUDA, where convolutions are faster in NHWC; on the CPU they are not."""
         setting = self.hparams.channels_last
-        return self.device.type == "cuda" if setting == "auto" else bool(setting)
+        if setting != "auto":
+            return bool(setting)
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+        return device.type == "cuda"
 
     def blocks(self) -> list[list[torch.nn.Module]]:
         return resolve_blocks(self.backbone, self.spec)
@@ -95,10 +99,17 @@ class SkinLesionClassifier(L.LightningModule):
         return get_module(self.backbone, self.spec.gradcam_layer, f"model.gradcam_layer of {self.spec.name}")
 
     def configure_model(self) -> None:
+        """Runs before the move to the device, hence the trainer's device in ``uses_channels_last``."""
         if self.uses_channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        if self.hparams.compile:
-            self.backbone.compile()  # in place: parameter names (and so checkpoints) stay the same
+        options = self.hparams.compile
+        if options and not self.is_compiled:  # fit, validate and test each call this hook
+            # In place (nn.Module.compile): parameter names, and so checkpoints, stay those of the plain model.
+            self.backbone.compile(**(options if isinstance(options, Mapping) else {}))
+
+    @property
+    def is_compiled(self) -> bool:
+        return getattr(self.backbone, "_compiled_call_impl", None) is not None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW on the device -> normalised float, in the backbone's layout."""
@@ -139,7 +150,8 @@ class SkinLesionClassifier(L.LightningModule):
         logits = self(batch["image"])
         loss = self._loss(logits, batch["label"])
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(logits))
-        self.train_metrics(logits.detach().float().softmax(1), batch["label"])
+        # update, not forward: no per-batch values are needed, Lightning computes the epoch's at its end.
+        self.train_metrics.update(logits.detach(), batch["label"])  # top-1 metrics: argmax of the logits
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 
@@ -153,7 +165,8 @@ class SkinLesionClassifier(L.LightningModule):
 
     def _eval_step(self, split: str, batch: dict) -> None:
         logits = self(batch["image"]).float()
-        self.log(f"{split}/loss", self._loss(logits, batch["label"]), on_epoch=True, batch_size=len(logits))
+        loss = self._loss(logits, batch["label"])
+        self.log(f"{split}/loss", loss, on_epoch=True, batch_size=len(logits), sync_dist=self.trainer.world_size > 1)
         getattr(self, f"{split}_metrics").update(logits.softmax(1), batch["label"])
         self._collected.setdefault(split, []).append((logits.detach(), batch["label"], batch["index"]))
 

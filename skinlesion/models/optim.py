@@ -1,9 +1,13 @@
 """Optimiser parameter groups and learning-rate schedules for the two-stage recipe.
 
-Both groups (head and backbone) are in the optimiser from the first step; the finetuning callback only
-flips ``requires_grad``. Adding a param group mid-training is what breaks ``ReduceLROnPlateau`` and
-OneCycle under Lightning's ``BaseFinetuning`` (Lightning issues #12141, #8720); a group whose
-parameters have no gradient is simply skipped by Adam/AdamW until they are unfrozen.
+Every parameter is in the optimiser from the first step; the finetuning callback only flips
+``requires_grad``. Adding a param group mid-training is what breaks ``ReduceLROnPlateau`` and OneCycle
+under Lightning's ``BaseFinetuning`` (Lightning issues #12141, #8720); a parameter without a gradient
+is skipped by Adam/AdamW (no moment update, no weight decay) until it is unfrozen, and its moments then
+start from zero as they would in a freshly added group.
+
+Biases and normalisation parameters (1-D tensors) get no weight decay, as in timm's training recipes:
+decaying BatchNorm scales towards zero only fights the normalisation.
 """
 
 from __future__ import annotations
@@ -15,17 +19,32 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from skinlesion.models.backbone import backbone_parameters, head_parameters
 
+HEAD, BACKBONE = "head", "backbone"
+
+
+def _split_decay(name: str, params: list[torch.nn.Parameter], **settings) -> list[dict]:
+    """One group with weight decay (weights) and one without (biases, norms), both called ``name``."""
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"name": name, "params": decay, **settings}]
+    if no_decay:
+        groups.append({"name": name, "params": no_decay, "weight_decay": 0.0, **settings})
+    return [g for g in groups if g["params"]]
+
 
 def param_groups(model: torch.nn.Module, backbone_lr: float) -> list[dict]:
-    """Head with the optimiser's own lr, backbone with ``backbone_lr``."""
-    return [
-        {"name": "head", "params": head_parameters(model)},
-        {"name": "backbone", "params": backbone_parameters(model), "lr": backbone_lr},
-    ]
+    """Head groups with the optimiser's own lr, backbone groups with ``backbone_lr``."""
+    return _split_decay(HEAD, head_parameters(model)) + _split_decay(
+        BACKBONE, backbone_parameters(model), lr=backbone_lr
+    )
 
 
 class WarmupCosine(LambdaLR):
-    """Linear warm-up from ``warmup_start`` x lr, then cosine decay to ``min_lr_ratio`` x lr, per step."""
+    """Linear warm-up from ``warmup_start`` x lr, then cosine decay to ``min_lr_ratio`` x lr, per step.
+
+    Every group follows the same factor, so the backbone keeps ``finetune.backbone_lr`` x factor: the
+    ratio between head and backbone learning rates is the same at every step.
+    """
 
     def __init__(
         self,

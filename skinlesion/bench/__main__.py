@@ -1,0 +1,44 @@
+"""python -m skinlesion.bench {data,train,overhead,all} [options]: speed is measured, not asserted."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+
+import torch
+
+SUITES = {
+    "data": "skinlesion.bench.data",  # DataLoader images/s: decoded-image cache vs decode-per-epoch
+    "train": "skinlesion.bench.training",  # train-step images/s per backbone, AMP / channels_last
+    "overhead": "skinlesion.bench.overhead",  # Lightning Trainer vs a plain PyTorch loop
+}
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_cores": torch.get_num_threads()}
+    info["platform"] = platform.platform()
+    info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m skinlesion.bench", description=__doc__)
+    parser.add_argument("suite", choices=[*SUITES, "all"])
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    names = list(SUITES) if args.suite == "all" else [args.suite]
+    results = {"machine": machine()}
+    print(json.dumps(results["machine"]))
+    for name in names:
+        results[name] = importlib.import_module(SUITES[name]).main(rest)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

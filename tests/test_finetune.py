@@ -1,0 +1,327 @@
+"""Issue 4: the two-stage callback on all five backbones (direct) and through Lightning's Trainer (MobileNetV2).
+
+Direct tests build each backbone once and drive the callback by hand; the Trainer tests use in-memory
+uint8 images at 32 px so that schedulers, checkpoints and resume run for real in a few seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader
+
+from skinlesion.callbacks.finetune import TwoStageFinetuning, auto_unfreeze_epoch
+from skinlesion.errors import ConfigError
+from skinlesion.models.module import SkinLesionClassifier
+
+from conftest import compose_config
+
+HEAD_LR, BACKBONE_LR = 1e-3, 1e-4
+# Per backbone: input size, width of the features the head sees, and the modules of its last block.
+BACKBONES = {
+    "resnet50": (32, 2048, ["layer4"]),
+    "densenet121": (32, 1024, ["features.denseblock4", "features.norm5"]),
+    "mobilenetv2": (32, 1280, ["blocks.6", "conv_head", "bn2"]),
+    "efficientnet_b0": (32, 1280, ["blocks.6", "conv_head", "bn2"]),
+    "inception_v3": (75, 2048, ["Mixed_7c"]),
+}
+
+
+def build(name: str, *overrides: str, backbone_lr: float = BACKBONE_LR) -> SkinLesionClassifier:
+    cfg = compose_config(
+        "train",
+        [
+            f"model={name}",
+            "model.pretrained=false",
+            f"data.image_size={BACKBONES[name][0]}",
+            "scheduler=constant",
+            f"optimizer.lr={HEAD_LR}",
+            f"finetune.backbone_lr={backbone_lr}",
+            *overrides,
+        ],
+    )
+    return instantiate(cfg.module)
+
+
+def trainable_names(module: SkinLesionClassifier) -> set[str]:
+    return {n for n, p in module.backbone.named_parameters() if p.requires_grad}
+
+
+def numel(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture(scope="module", params=list(BACKBONES))
+def classifier(request) -> SkinLesionClassifier:
+    return build(request.param)
+
+
+# ---- direct tests on every backbone --------------------------------------------------------------------
+def test_trainable_counts_before_and_after_the_unfreeze_epoch(classifier: SkinLesionClassifier) -> None:
+    _, features, last_block = BACKBONES[classifier.spec.name]
+    model = classifier.backbone
+    total = numel(model)
+    head = features * 7 + 7
+    callback = TwoStageFinetuning(unfreeze_at_epoch=2, num_blocks=1, backbone_lr=BACKBONE_LR)
+    classifier.train()
+    for epoch in (0, 1):
+        callback.apply(classifier, epoch)
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == head
+    callback.apply(classifier, 2)
+    expected = head + sum(numel(model.get_submodule(name)) for name in last_block)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == expected and total - trainable > 0
+    assert {n.split(".")[0] for n in trainable_names(classifier)} <= {n.split(".")[0] for n in last_block} | {
+        model.pretrained_cfg["classifier"].split(".")[0]
+    }
+
+    TwoStageFinetuning(unfreeze_at_epoch=0, num_blocks=1).apply(classifier, 0)  # full fine-tuning
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == total
+    TwoStageFinetuning(unfreeze_at_epoch=None).apply(classifier, 50)  # head only, ever
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == head
+
+
+def test_optimizer_groups_and_learning_rates_after_unfreezing(classifier: SkinLesionClassifier) -> None:
+    classifier.train()
+    TwoStageFinetuning(unfreeze_at_epoch=1, num_blocks=2, backbone_lr=BACKBONE_LR).apply(classifier, 1)
+    optimizer = classifier.configure_optimizers()  # scheduler=constant: the optimiser alone
+    head = {id(p) for p in classifier.backbone.get_classifier().parameters()}
+    seen = set()
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert not ids & seen
+        seen |= ids
+        assert group["lr"] == (HEAD_LR if group["name"] == "head" else BACKBONE_LR)
+        assert (ids <= head) == (group["name"] == "head")
+        if group["weight_decay"] == 0.0 and optimizer.defaults["weight_decay"] > 0:
+            assert all(p.ndim == 1 for p in group["params"])
+    assert seen == {id(p) for p in classifier.backbone.parameters()}, "every parameter is in the optimiser"
+
+
+def test_one_step_changes_only_trainable_weights_and_frozen_bn_statistics_stay(
+    classifier: SkinLesionClassifier,
+) -> None:
+    size = BACKBONES[classifier.spec.name][0]
+    torch.manual_seed(0)
+    classifier.train()
+    callback = TwoStageFinetuning(unfreeze_at_epoch=1, num_blocks=1, backbone_lr=1e-2, bn="frozen_eval")
+    callback.apply(classifier, 1)
+    optimizer = classifier.configure_optimizers()
+    model = classifier.backbone
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
+    loss = classifier._loss(classifier(classifier.normalize(images)), torch.tensor([0, 1, 2, 3]))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+
+    params = dict(model.named_parameters())
+    changed = {k for k in params if not torch.equal(before[k], after[k])}
+    with_gradient = {k for k, p in params.items() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert changed == with_gradient
+    assert changed <= trainable_names(classifier)
+    assert {"weight", "bias"} <= {k.rsplit(".", 1)[1] for k in changed}
+
+    trainable_modules = {
+        id(m) for block in callback._blocks_to_unfreeze(classifier) for b in block for m in b.modules()
+    }
+    frozen_bn = unfrozen_bn = 0
+    for name, module in model.named_modules():
+        if isinstance(module, _BatchNorm):
+            moved = not torch.equal(before[f"{name}.running_mean"], after[f"{name}.running_mean"])
+            if id(module) in trainable_modules:
+                assert module.training and moved
+                unfrozen_bn += 1
+            else:
+                assert not module.training and not moved, f"frozen {name} updated its statistics"
+                frozen_bn += 1
+    assert frozen_bn > 0 and unfrozen_bn > 0
+
+
+# ---- BatchNorm policies and settings (MobileNetV2) --------------------------------------------------
+def bn_modes(module: SkinLesionClassifier) -> dict[str, bool]:
+    return {n: m.training for n, m in module.backbone.named_modules() if isinstance(m, _BatchNorm)}
+
+
+@pytest.mark.parametrize(
+    ("policy", "last_block_bn_train", "other_bn_train"),
+    [("frozen_eval", True, False), ("all_eval", False, False), ("train", True, True)],
+)
+def test_batchnorm_policies(policy: str, last_block_bn_train: bool, other_bn_train: bool) -> None:
+    module = build("mobilenetv2").train()
+    TwoStageFinetuning(unfreeze_at_epoch=1, num_blocks=1, bn=policy).apply(module, 1)
+    for name, training in bn_modes(module).items():
+        in_last = name.startswith(("blocks.6", "bn2"))
+        assert training == (last_block_bn_train if in_last else other_bn_train), name
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"bn": "sometimes"}, "finetune.bn='sometimes' is not valid"),
+        ({"unfreeze_at_epoch": -1}, "finetune.unfreeze_at_epoch=-1 must be"),
+        ({"num_blocks": 0}, "finetune.num_blocks=0 must be"),
+    ],
+)
+def test_invalid_callback_settings(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        TwoStageFinetuning(**settings)
+
+
+# ---- through Lightning's Trainer ------------------------------------------------------------------------
+class RandomImages(L.LightningDataModule):
+    """uint8 images in the project's batch format, with class weights like the real DataModule's."""
+
+    def __init__(self, n: int = 16, size: int = 32, batch_size: int = 8) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+        self.items = [{"image": images[i], "label": i % 7, "index": i} for i in range(n)]
+        self.batch_size = batch_size
+        self.class_weights = torch.linspace(0.5, 2.0, 7)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.items, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.items, batch_size=self.batch_size)
+
+
+class Probe(Callback):
+    """Per epoch, at its first step (after the callbacks' epoch-start hooks): trainable set, LRs, BN modes."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, dict] = {}
+        self.lrs: list[dict[str, float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        optimizer = trainer.optimizers[0]
+        self.lrs.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+        if trainer.current_epoch not in self.epochs:
+            self.epochs[trainer.current_epoch] = {
+                "trainable": frozenset(trainable_names(pl_module)),
+                "bn": bn_modes(pl_module),
+                "groups": len(optimizer.param_groups),
+                "adam_state": len(optimizer.state),
+            }
+
+
+def flat(lrs: list[dict[str, float]]) -> list[float]:
+    return [lr for step in lrs for lr in (step["head"], step["backbone"])]
+
+
+def fit(
+    tmp_path: Path,
+    scheduler: str = "constant",
+    max_epochs: int = 3,
+    unfreeze_at_epoch: int | None = 1,
+    ckpt_path: str | None = None,
+) -> tuple[SkinLesionClassifier, Probe, L.Trainer]:
+    module = build("mobilenetv2", f"scheduler={scheduler}", backbone_lr=1.0)  # the callback's lr must win
+    probe = Probe()
+    callbacks = [
+        TwoStageFinetuning(unfreeze_at_epoch=unfreeze_at_epoch, num_blocks=1, backbone_lr=BACKBONE_LR),
+        probe,
+        ModelCheckpoint(
+            dirpath=tmp_path / "ckpt", filename="epoch{epoch}", save_top_k=-1, auto_insert_metric_name=False
+        ),
+    ]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    L.seed_everything(0)
+    trainer.fit(module, datamodule=RandomImages(), ckpt_path=ckpt_path)
+    return module, probe, trainer
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "cosine", "plateau"])
+def test_unfreezing_keeps_every_scheduler_s_schedule(tmp_path: Path, scheduler: str) -> None:
+    module, probe, trainer = fit(tmp_path / "two_stage", scheduler)
+    assert trainer.current_epoch == 3
+    assert probe.epochs[0]["trainable"] < probe.epochs[1]["trainable"]  # stage 2 ran
+    assert len({e["groups"] for e in probe.epochs.values()}) == 1  # no param group was ever added
+    assert module.hparams.backbone_lr == BACKBONE_LR  # handed over by the callback
+    assert bool(module.use_class_weights) and torch.equal(module.class_weights, RandomImages().class_weights)
+    for lrs in probe.lrs:
+        assert lrs["backbone"] == pytest.approx(lrs["head"] * BACKBONE_LR / HEAD_LR)
+    heads = [lrs["head"] for lrs in probe.lrs]
+    if scheduler == "constant":
+        assert set(heads) == {HEAD_LR}
+    if scheduler == "cosine":  # per-step warm-up then decay, exactly as without any unfreezing
+        assert heads[0] == pytest.approx(0.1 * HEAD_LR) and max(heads) == pytest.approx(HEAD_LR)
+        assert heads[-1] < 0.5 * HEAD_LR
+        _, head_only, _ = fit(tmp_path / "head_only", scheduler, 3, None)
+        assert flat(probe.lrs) == pytest.approx(flat(head_only.lrs))
+    if scheduler == "plateau":
+        config = trainer.lr_scheduler_configs[0]
+        assert isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        assert len(config.scheduler.min_lrs) == len(trainer.optimizers[0].param_groups)
+        assert config.scheduler.last_epoch == 3  # stepped on val/balanced_acc after every epoch
+
+
+def test_resume_before_and_after_the_unfreeze_epoch_restores_the_trainable_set(tmp_path: Path) -> None:
+    _, full, _ = fit(tmp_path / "full", "cosine", 4, 2)
+    checkpoints = tmp_path / "full" / "ckpt"
+    assert full.epochs[1]["trainable"] < full.epochs[2]["trainable"] == full.epochs[3]["trainable"]
+    for saved_after_epoch in (0, 2):  # stage 1 checkpoint, and one from after the unfreeze epoch
+        path = checkpoints / f"epoch{saved_after_epoch}.ckpt"
+        assert torch.load(path, weights_only=True)["callbacks"]["TwoStageFinetuning"]["unfrozen_at"] == (
+            None if saved_after_epoch < 2 else 2
+        )
+        _, resumed, _ = fit(tmp_path / f"resumed{saved_after_epoch}", "cosine", 4, 2, str(path))
+        assert sorted(resumed.epochs) == list(range(saved_after_epoch + 1, 4))
+        for epoch, seen in resumed.epochs.items():
+            assert seen["trainable"] == full.epochs[epoch]["trainable"]
+            assert seen["bn"] == full.epochs[epoch]["bn"]
+            assert seen["adam_state"] == full.epochs[epoch]["adam_state"]  # optimiser moments restored
+        assert flat(resumed.lrs) == pytest.approx(flat(full.lrs[-len(resumed.lrs) :]))  # the schedule goes on
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"unfreeze_at_epoch": 3}, r"unfreeze_at_epoch=3 is at or past trainer.max_epochs=3"),
+        ({"num_blocks": 9}, r"num_blocks=9 but mobilenetv2 has 8 blocks"),
+    ],
+)
+def test_settings_that_cannot_work_stop_before_training(tmp_path: Path, settings: dict, message: str) -> None:
+    module = build("mobilenetv2")
+    probe = Probe()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[TwoStageFinetuning(**({"unfreeze_at_epoch": 1} | settings)), probe],
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(ConfigError, match=message):
+        trainer.fit(module, datamodule=RandomImages())
+    assert probe.lrs == []  # not one step
+
+
+@pytest.mark.parametrize(("max_epochs", "expected"), [(15, 5), (30, 10), (3, 1), (2, 1), (1, None), (None, 5)])
+def test_auto_unfreeze_epoch_keeps_both_stages_inside_the_run(max_epochs, expected) -> None:
+    assert auto_unfreeze_epoch(max_epochs) == expected
+
+
+def test_auto_unfreeze_makes_a_one_epoch_run_head_only() -> None:
+    callback = TwoStageFinetuning(unfreeze_at_epoch="auto", num_blocks=1)
+    callback.check(build("mobilenetv2"), max_epochs=1)  # the default recipe must not reject trainer.max_epochs=1
+    assert callback.unfreeze_at_epoch is None
+    assert callback.stage_for_epoch(0) == 1
