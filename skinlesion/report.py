@@ -1,7 +1,379 @@
-"""Placeholder, replaced below."""
+"""The comparison report of a sweep: one ranked table over every run in a folder, and its plots.
 
+    python -m skinlesion.report outputs/train/multiruns/<sweep> [--rank-by test/balanced_acc]
+
+Hydra calls :class:`MultirunReport` when a training multirun ends, so every sweep folder gets its
+report without asking. A run is a folder with a ``metrics.json`` (``train`` writes one whether the run
+completed or failed); a job folder that Hydra created but that has no ``metrics.json`` was killed or is
+still running, and is listed as failed too. Runs whose overrides differ only in ``seed`` form one row,
+reported as mean ± standard deviation.
+
+Metrics come from a run's test split when it has one, else from its validation split (the ``split``
+column says which); ``--rank-by val/balanced_acc`` picks the split explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
 from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from skinlesion import cli
+from skinlesion.errors import ConfigError, DataError, SkinLesionError
+from skinlesion.labels import CLASSES
+from skinlesion.models.metrics import HEADLINE_METRICS
+from skinlesion.plots import plot_confusion_grid, plot_metric_bars, plot_roc_grid
+from skinlesion.runs import METRICS_FILE, read_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RANK_BY = "balanced_acc"
+HYDRA_DIR = ".hydra"
+RUNS_CSV, SUMMARY_CSV, SUMMARY_MD = "runs.csv", "summary.csv", "summary.md"
+METRICS_PNG, CONFUSION_PNG, ROC_PNG = "summary_metrics.png", "summary_confusion.png", "summary_roc.png"
+NOT_FINISHED = "no metrics.json: the job was killed before it finished, or is still running"
+RECALLS = tuple(f"recall_{c}" for c in CLASSES)
+# Averaged over seeds; the first ones also get a ±std column.
+SCORES = (*HEADLINE_METRICS, *RECALLS, "val_loss", "epochs", "train_time_s", "images_per_s")
+CONSTANTS = ("image_size", "params_m")
+LOWER_IS_BETTER = ("loss", "nll", "ece", "time")
+INTEGERS = ("rank", "image_size", "epochs", "runs", "seed")
+HEADERS = {
+    "rank": "rank",
+    "backbone": "backbone",
+    "config": "config",
+    "image_size": "input",
+    "params_m": "params (M)",
+    "split": "split",
+    "acc": "acc",
+    "top3_acc": "top-3",
+    "balanced_acc": "bal. acc",
+    "f1_macro": "macro F1",
+    "auroc_macro": "macro AUROC",
+    "val_loss": "val loss",
+    "epochs": "epochs",
+    "train_time_s": "train time (s)",
+    "images_per_s": "images/s",
+    "runs": "runs",
+}
+
+
+@dataclass
+class Report:
+    runs: pd.DataFrame  # one row per run, failed ones with their error
+    summary: pd.DataFrame  # one row per configuration (seeds pooled), ranked
+    folder: Path
+
+    @property
+    def failed(self) -> pd.DataFrame:
+        return self.runs[self.runs["status"] != "completed"]
+
+
+# ---- collecting runs ---------------------------------------------------------------------------------
+def is_training_run(run: Path) -> bool:
+    """A training run folder, finished or not (evaluation folders also hold a metrics.json)."""
+    metrics = run / METRICS_FILE
+    if metrics.is_file():
+        return read_json(metrics).get("task", "train") == "train"
+    return (run / HYDRA_DIR / "overrides.yaml").is_file()
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """Every training run folder at or below ``folder``."""
+    candidates = {p.parent for p in folder.rglob(METRICS_FILE)} | {p.parent for p in folder.rglob(HYDRA_DIR)}
+    return sorted(run for run in candidates if is_training_run(run))
+
+
+def _overrides(run: Path) -> list[str]:
+    path = run / HYDRA_DIR / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def _backbone_from_overrides(overrides: Sequence[str]) -> str | None:
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), None)
+
+
+def pick_split(metrics: dict, prefer: str | None) -> str:
+    if prefer:
+        return prefer
+    return "test" if any(k.startswith("test/") for k in metrics) else "val"
+
+
+def run_row(run: Path, root: Path, prefer: str | None = None) -> dict[str, Any]:
+    """One run's line of the table: its headline metrics on the chosen split, or its error."""
+    overrides = _overrides(run)
+    row: dict[str, Any] = {
+        "run": str(run.relative_to(root)) if run != root else run.name,
+        "run_dir": str(run),
+        "overrides": tuple(o for o in overrides if not o.startswith("seed=")),
+        "backbone": _backbone_from_overrides(overrides),
+        "seed": None,
+    }
+    if not (run / METRICS_FILE).is_file():
+        return row | {"status": "failed", "error": NOT_FINISHED}
+    data = read_json(run / METRICS_FILE)
+    row |= {"status": data.get("status", "unknown"), "seed": data.get("seed")}
+    row["backbone"] = data.get("backbone") or row["backbone"]
+    if row["status"] != "completed":
+        return row | {"error": data.get("error", "unknown error")}
+    metrics = data.get("metrics", {})
+    split = pick_split(metrics, prefer)
+    row |= {
+        "split": split,
+        "image_size": data.get("image_size"),
+        "params_m": data["params_total"] / 1e6 if data.get("params_total") else None,
+        **{name: metrics.get(f"{split}/{name}") for name in (*HEADLINE_METRICS, *RECALLS)},
+        "val_loss": metrics.get("val/loss"),  # of the reported (best) weights
+        "epochs": data.get("epochs"),
+        "best_epoch": data.get("best_epoch"),
+        "train_time_s": data.get("train_time_s"),
+        "images_per_s": data.get("train_images_per_s"),
+        "error": None,
+    }
+    return row
+
+
+def collect_runs(folder: Path, prefer: str | None = None) -> pd.DataFrame:
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such folder; pass a sweep folder such as outputs/train/multiruns/<sweep>")
+    runs = find_runs(folder)
+    if not runs:
+        raise DataError(
+            f"{folder}: no training runs found (folders with {METRICS_FILE}); pass a folder written by "
+            "python -m skinlesion.train, e.g. outputs/train/multiruns/<sweep>"
+        )
+    table = pd.DataFrame([run_row(run, folder, prefer) for run in runs])
+    # The "config" of a run: its overrides minus the model, the seed and what all runs share.
+    common = set.intersection(*(set(o) for o in table["overrides"]))
+    table["config"] = [
+        " ".join(o for o in overrides if o not in common and not o.startswith("model="))
+        for overrides in table["overrides"]
+    ]
+    first = ["run", "status", "backbone", "config", "seed"]
+    return table[first + [c for c in table.columns if c not in (*first, "error")] + ["error"]]
+
+
+# ---- the summary -------------------------------------------------------------------------------------
+def parse_rank_by(rank_by: str) -> tuple[str | None, str]:
+    """``test/balanced_acc`` -> ("test", "balanced_acc"); ``balanced_acc`` -> (None, "balanced_acc")."""
+    split, _, name = rank_by.rpartition("/")
+    if split not in ("", "val", "test"):
+        raise ConfigError(f"rank_by='{rank_by}': the split must be val or test, e.g. test/balanced_acc")
+    if name not in SCORES:
+        raise ConfigError(f"rank_by='{rank_by}' is not a report column; choose one of {', '.join(SCORES)}")
+    return split or None, name
+
+
+def lower_is_better(name: str) -> bool:
+    return any(word in name for word in LOWER_IS_BETTER)
+
+
+def summarize(runs: pd.DataFrame, rank_by: str = DEFAULT_RANK_BY) -> pd.DataFrame:
+    """One row per (backbone, config): means over seeds, ``<metric>_std`` when several ran, ranked."""
+    _, metric = parse_rank_by(rank_by)
+    rows = []
+    for (backbone, config), group in runs.groupby(["backbone", "config"], sort=False, dropna=False):
+        done = group[group["status"] == "completed"]
+        row: dict[str, Any] = {
+            "backbone": backbone,
+            "config": config,
+            "runs": len(done),
+            "failed": len(group) - len(done),
+            "seeds": ",".join(str(s) for s in sorted(group["seed"].dropna().astype(int).unique())),
+            "status": "completed" if len(done) else "failed",
+        }
+        if done.empty:
+            rows.append(row | {"error": group["error"].iloc[0]})
+            continue
+        row["split"] = "/".join(sorted(set(done["split"])))
+        for name in CONSTANTS:
+            row[name] = done[name].iloc[0]
+        for name in SCORES:
+            values = pd.to_numeric(done[name], errors="coerce")
+            row[name] = values.mean()
+            row[f"{name}_std"] = values.std(ddof=1) if len(done) > 1 else math.nan
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    if metric not in summary:
+        summary[metric] = math.nan
+    summary["_failed"] = summary["status"] != "completed"
+    summary = summary.sort_values(
+        ["_failed", metric], ascending=[True, lower_is_better(metric)], na_position="last", kind="stable"
+    ).drop(columns="_failed")
+    ranked = summary["status"].eq("completed") & summary[metric].notna()
+    summary.insert(0, "rank", pd.Series(np.arange(1, len(summary) + 1), index=summary.index).where(ranked))
+    if "error" not in summary:
+        summary["error"] = None
+    return summary[[c for c in summary.columns if c != "error"] + ["error"]].reset_index(drop=True)
+
+
+# ---- writing -----------------------------------------------------------------------------------------
+def _cell(row: pd.Series, name: str) -> str:
+    value = row.get(name)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if not isinstance(value, float):
+        return str(value).replace("|", "\\|").replace("\n", " ")
+    std = row.get(f"{name}_std")
+    has_std = isinstance(std, float) and not math.isnan(std)
+    if name in INTEGERS and value.is_integer() and not has_std:
+        return str(int(value))
+    digits = 1 if name in ("train_time_s", "images_per_s", "params_m", *INTEGERS) else 4
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if has_std else "")
+
+
+def _markdown_table(frame: pd.DataFrame, columns: Sequence[str], headers: dict[str, str]) -> str:
+    lines = [
+        "| " + " | ".join(headers.get(c, c) for c in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(_cell(row, c) for c in columns) + " |" for _, row in frame.iterrows()]
+    return "\n".join(lines)
+
+
+def _label(row: pd.Series) -> str:
+    return f"{row['backbone']} {row['config']}".strip()
+
+
+def summary_markdown(report: Report, rank_by: str) -> str:
+    summary, runs = report.summary, report.runs
+    done = summary[summary["status"] == "completed"]
+    split, metric = parse_rank_by(rank_by)
+    splits = sorted(set(done["split"])) if "split" in done else []
+    direction = "lower" if lower_is_better(metric) else "higher"
+    lines = [
+        f"# Backbone comparison: {report.folder.name}",
+        "",
+        f"{len(runs)} run(s): {int((runs['status'] == 'completed').sum())} completed, {len(report.failed)} failed. "
+        f"Metrics on the **{'/'.join(splits) or '-'}** split "
+        f"({'as asked' if split else 'test where a run has one, else validation'}); ranked by {metric} "
+        f"({direction} is better). Several seeds of one configuration: mean ± standard deviation. "
+        "Validation loss is that of the epoch whose weights are reported.",
+        "",
+    ]
+    if not done.empty:
+        names = ["rank", "backbone", *(["config"] if done["config"].str.len().any() else [])]
+        columns = [*names, "image_size", "params_m", "split", *HEADLINE_METRICS, "val_loss", "epochs"]
+        columns += ["train_time_s", "images_per_s", "runs"]
+        lines += [_markdown_table(done, columns, HEADERS), "", "## Recall per class", ""]
+        recall_headers = {r: r.removeprefix("recall_") for r in RECALLS}
+        lines += [_markdown_table(done, [*names, *RECALLS], recall_headers), ""]
+        lines += ["## Plots", "", f"![headline metrics]({METRICS_PNG})", "", f"![confusion matrices]({CONFUSION_PNG})"]
+        lines += ["", f"![one-vs-rest ROC curves]({ROC_PNG})", ""]
+    if not report.failed.empty:
+        lines += ["## Failed runs", "", _markdown_table(report.failed, ["run", "backbone", "seed", "error"], {}), ""]
+    return "\n".join(lines)
+
+
+def _pooled_predictions(runs: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    frames = [pd.read_csv(p) for p in (Path(r) / f"predictions_{split}.csv" for r in runs["run_dir"]) if p.is_file()]
+    if not frames:
+        return None
+    frame = pd.concat(frames, ignore_index=True)
+    classes = [c.removeprefix("prob_") for c in frame.columns if c.startswith("prob_")]
+    labels = frame["true"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    return labels, frame[[f"prob_{c}" for c in classes]].to_numpy()
+
+
+def _pooled_confusion(runs: pd.DataFrame, split: str) -> np.ndarray | None:
+    files = [p for p in (Path(r) / f"confusion_matrix_{split}.csv" for r in runs["run_dir"]) if p.is_file()]
+    if not files:
+        return None
+    return sum(pd.read_csv(p, index_col=0).to_numpy() for p in files)
+
+
+def write_plots(report: Report, out_dir: Path) -> None:
+    """Headline metrics per configuration, confusion matrices and ROC curves (seeds pooled)."""
+    done = report.summary[report.summary["status"] == "completed"]
+    if done.empty:
+        return
+    labels = [_label(row) for _, row in done.iterrows()]
+    means = done[list(HEADLINE_METRICS)].set_axis(labels)
+    stds = done[[f"{m}_std" for m in HEADLINE_METRICS]].set_axis(labels).set_axis(list(HEADLINE_METRICS), axis=1)
+    plot_metric_bars(means, stds, out_dir / METRICS_PNG, title=f"{report.folder.name} ({'/'.join(set(done['split']))})")
+    matrices, curves = {}, {}
+    for label, (_, row) in zip(labels, done.iterrows(), strict=True):
+        members = report.runs[
+            (report.runs["backbone"] == row["backbone"])
+            & (report.runs["config"] == row["config"])
+            & (report.runs["status"] == "completed")
+        ]
+        split = members["split"].iloc[0]
+        name = f"{label} ({split}, {len(members)} runs pooled)" if len(members) > 1 else f"{label} ({split})"
+        if (counts := _pooled_confusion(members, split)) is not None:
+            matrices[name] = counts
+        if (pooled := _pooled_predictions(members, split)) is not None:
+            curves[name] = pooled
+    if matrices:
+        plot_confusion_grid(matrices, CLASSES, out_dir / CONFUSION_PNG)
+    if curves:
+        plot_roc_grid(curves, CLASSES, out_dir / ROC_PNG)
+
+
+def write_report(folder: Path, rank_by: str = DEFAULT_RANK_BY, out_dir: Path | None = None) -> Report:
+    """Collect, summarise and write ``runs.csv``, ``summary.csv``, ``summary.md`` and the plots."""
+    prefer, _ = parse_rank_by(rank_by)
+    folder = Path(folder).expanduser().resolve()
+    out_dir = Path(out_dir) if out_dir else folder
+    runs = collect_runs(folder, prefer)
+    report = Report(runs=runs, summary=summarize(runs, rank_by), folder=folder)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs.drop(columns=["run_dir", "overrides"]).to_csv(out_dir / RUNS_CSV, index=False)
+    report.summary.to_csv(out_dir / SUMMARY_CSV, index=False)
+    write_plots(report, out_dir)
+    (out_dir / SUMMARY_MD).write_text(summary_markdown(report, rank_by))
+    return report
 
 
 class MultirunReport(Callback):
-    pass
+    """Hydra callback (``hydra.callbacks.report`` in conf/train.yaml): the report of a sweep once it ends.
+
+    Hydra calls ``on_multirun_end`` only when no job raised, which is why jobs return NaN on failure
+    (:func:`skinlesion.cli.run_task`); the failed ones are handed to :mod:`skinlesion.cli`, which ends the
+    command with a non-zero exit status after this report is written.
+    """
+
+    def __init__(self, rank_by: str = DEFAULT_RANK_BY) -> None:
+        self.rank_by = rank_by
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(config.hydra.sweep.dir)
+        report = write_report(folder, self.rank_by)
+        for _, row in report.failed.iterrows():
+            cli.record_failed_job(row["run_dir"], row["error"])
+        log.info("comparison report: %s", folder / SUMMARY_MD)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m skinlesion.report",
+        description="Rank every training run in a folder (a sweep) and write summary.csv, summary.md and plots.",
+    )
+    parser.add_argument("folder", type=Path, help="a folder of runs, e.g. outputs/train/multiruns/<sweep>")
+    parser.add_argument(
+        "--rank-by",
+        default=DEFAULT_RANK_BY,
+        help="a metric column, optionally with the split to report: balanced_acc (default), test/f1_macro, ...",
+    )
+    parser.add_argument("--output-dir", type=Path, default=None, help="where to write the report (default: folder)")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.folder, args.rank_by, args.output_dir)
+    except SkinLesionError as err:
+        cli.fail(str(err))
+    print(summary_markdown(report, args.rank_by))
+    print(f"report: {(args.output_dir or report.folder) / SUMMARY_MD}")
+
+
+if __name__ == "__main__":
+    main()

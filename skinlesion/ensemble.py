@@ -1,0 +1,59 @@
+"""Which checkpoints make an ensemble, and what each member is called in tables and folders.
+
+An ensemble is given as a list of checkpoints (or run folders), or as a multirun folder, whose
+completed runs each contribute their ``checkpoints/best.ckpt`` (best weights + fitted temperature).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from skinlesion.errors import ConfigError
+from skinlesion.report import find_runs
+from skinlesion.runs import CHECKPOINT_DIR, METRICS_FILE, read_json
+from skinlesion.train import BEST_CHECKPOINT
+
+log = logging.getLogger(__name__)
+
+
+def run_checkpoint(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
+
+
+def sweep_checkpoints(folder: Path) -> list[Path]:
+    """``best.ckpt`` of every completed run under ``folder``; failed runs are skipped with a warning."""
+    found, skipped = [], []
+    for run in find_runs(folder):
+        completed = (run / METRICS_FILE).is_file() and read_json(run / METRICS_FILE).get("status") == "completed"
+        (found if completed and run_checkpoint(run).is_file() else skipped).append(run)
+    if skipped:
+        log.warning(
+            "ensemble: skipping %d unfinished or failed run(s): %s", len(skipped), ", ".join(r.name for r in skipped)
+        )
+    if not found:
+        raise ConfigError(
+            f"ensemble={folder}: no completed run with {CHECKPOINT_DIR}/{BEST_CHECKPOINT} in this folder; "
+            "pass a training multirun folder or a list of checkpoints"
+        )
+    return [run_checkpoint(run) for run in found]
+
+
+def ensemble_checkpoints(spec: str | Sequence[str]) -> list[Path]:
+    """Checkpoint files of ``ensemble=``: a multirun folder, or a list of checkpoints and run folders."""
+    if isinstance(spec, str | Path):
+        path = Path(spec).expanduser()
+        return sweep_checkpoints(path) if path.is_dir() and not run_checkpoint(path).is_file() else [path]
+    paths = [Path(p).expanduser() for p in spec]
+    if not paths:
+        raise ConfigError("ensemble=[] is empty; list at least one checkpoint")
+    return [run_checkpoint(p) if p.is_dir() else p for p in paths]
+
+
+def member_names(paths: Sequence[Path]) -> list[str]:
+    """The run folder's name for ``<run>/checkpoints/*.ckpt``, else the file name; made unique."""
+    names = [p.parent.parent.name if p.parent.name == CHECKPOINT_DIR else p.stem for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{i}_{name}" for i, name in enumerate(names)]
+    return names

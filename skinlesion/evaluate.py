@@ -1,0 +1,269 @@
+"""Evaluate a checkpoint, or an ensemble of checkpoints, on a split or on an external labelled set.
+
+    python -m skinlesion.evaluate ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt [split=val]
+    python -m skinlesion.evaluate ckpt_path=... data=isic2018 data.subset=Test tta=true
+    python -m skinlesion.evaluate ensemble=outputs/train/multiruns/<sweep>
+
+The data settings are read from the checkpoint (every checkpoint carries its DataModule's), so ``val`` and
+``test`` are exactly the run's own splits and the test metrics logged at the end of training are
+reproduced. Each model sees the images through its own preprocessing (input size, interpolation,
+normalisation), so an ensemble may mix backbones of different input sizes; members' probabilities are
+aligned by record before they are averaged. :func:`evaluate` is the plain function; ``main`` is the thin
+Hydra wrapper.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from skinlesion import cli
+from skinlesion.artifacts import write_split_artifacts
+from skinlesion.calibration import expected_calibration_error, plot_reliability
+from skinlesion.config import to_plain
+from skinlesion.data.datamodule import SkinLesionDataModule
+from skinlesion.data.preprocessing import Preprocessing
+from skinlesion.ensemble import ensemble_checkpoints, member_names
+from skinlesion.errors import CheckpointError, ConfigError, DataError
+from skinlesion.inference import InferenceModel, resolve_device
+from skinlesion.models.metrics import HEADLINE_METRICS
+from skinlesion.models.module import SkinLesionClassifier
+from skinlesion.plots import plot_roc_grid
+from skinlesion.runs import METRICS_FILE, write_json, write_resolved_config
+from skinlesion.tta import VIEW_COUNTS, predict_proba_tta
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("val", "test")
+MEMBERS_DIR = "members"
+ENSEMBLE = "ensemble"
+
+
+@dataclass
+class Member:
+    name: str
+    path: Path
+    model: SkinLesionClassifier
+    data: dict  # the DataModule settings it was trained with
+
+
+@dataclass
+class Predictions:
+    probs: torch.Tensor  # N x classes, rows in record order
+    labels: torch.Tensor
+    indices: torch.Tensor  # rows of the DataModule's records
+
+
+# ---- settings ----------------------------------------------------------------------------------------
+def _set_values(node: Any) -> Any:
+    """The explicitly set (non-null) entries of a config node, recursively; empty dicts dropped."""
+    if isinstance(node, dict):
+        kept = {k: _set_values(v) for k, v in node.items() if v is not None}
+        return {k: v for k, v in kept.items() if v != {}}
+    return node
+
+
+def data_settings(cfg: DictConfig, trained_with: dict) -> dict:
+    """The checkpoint's DataModule settings with ``data.*`` overrides; ``data=<dataset>`` becomes the test set."""
+    data = to_plain(cfg.data)
+    settings = dict(trained_with)
+    if "_target_" in data:  # a whole dataset config was chosen: evaluate on all of it
+        settings["test_set"] = {k: data[k] for k in ("root", "layout", "subset")}
+        return settings
+    return to_plain(OmegaConf.merge(settings, _set_values(data)))
+
+
+def _check_settings(cfg: DictConfig) -> int:
+    if cfg.split not in SPLITS:
+        raise ConfigError(f"split={cfg.split} is not valid; choose one of {', '.join(SPLITS)}")
+    views = int(cfg.tta_views) if cfg.tta else 1
+    if views not in VIEW_COUNTS:
+        raise ConfigError(
+            f"tta_views={cfg.tta_views} is not valid; choose one of {', '.join(map(str, VIEW_COUNTS[1:]))}"
+        )
+    if "_target_" in cfg.data and cfg.split != "test":
+        raise ConfigError(f"data=<dataset> is evaluated as the test split; drop split={cfg.split}")
+    if cfg.ckpt_path and cfg.ensemble:
+        raise ConfigError("pass either ckpt_path=... or ensemble=..., not both")
+    if not cfg.ckpt_path and not cfg.ensemble:
+        raise ConfigError(
+            "nothing to evaluate: pass ckpt_path=<run>/checkpoints/best.ckpt, or ensemble=[ckpt,...] or "
+            "ensemble=<multirun folder>"
+        )
+    return views
+
+
+def load_members(cfg: DictConfig) -> list[Member]:
+    paths = [Path(cfg.ckpt_path).expanduser()] if cfg.ckpt_path else ensemble_checkpoints(to_plain(cfg.ensemble))
+    members = []
+    for name, path in zip(member_names(paths), paths, strict=True):
+        loaded = InferenceModel.load(path, cfg.device)
+        if not loaded.data:
+            raise CheckpointError(f"{path}: has no data settings; it was not written by skinlesion.train")
+        members.append(Member(name, path, loaded.model, loaded.data))
+    classes = {m.model.class_names for m in members}
+    if len(classes) > 1:
+        raise ConfigError(f"ensemble members predict different classes: {sorted(classes)}")
+    return members
+
+
+def _check_same_split(members: list[Member], settings: dict, split: str) -> None:
+    """Members trained on different splits would be scored on images other members trained on."""
+    if split == "test" and settings.get("test_set"):  # an external set: no member trained on it
+        return
+    splits = {m.name: m.data.get("split") for m in members}
+    if len({repr(s) for s in splits.values()}) > 1:
+        detail = "; ".join(f"{name}: {split}" for name, split in splits.items())
+        raise ConfigError(
+            f"the ensemble members were trained on different splits ({detail}): their val/test images include "
+            "images other members trained on. Evaluate them on an external set (data.test_set.root=...) instead"
+        )
+
+
+# ---- predicting --------------------------------------------------------------------------------------
+def datamodule_for(settings: dict, preprocessing: Preprocessing, split: str) -> SkinLesionDataModule:
+    settings = {**settings, "image_size": preprocessing.image_size}  # the model decides, not the training data config
+    datamodule = SkinLesionDataModule(**settings, preprocessing=preprocessing)
+    datamodule.setup("test")
+    if split not in datamodule.datasets:
+        hint = "data.split.test was 0 in training; use split=val or an external set (data.test_set.root=...)"
+        raise ConfigError(f"there is no '{split}' split in this data{'; ' + hint if split == 'test' else ''}")
+    return datamodule
+
+
+@torch.no_grad()
+def predict(
+    model: SkinLesionClassifier,
+    datamodule: SkinLesionDataModule,
+    split: str,
+    device: torch.device,
+    views: int,
+    calibrated: bool,
+) -> Predictions:
+    """Probabilities of one model on one split (``views`` > 1: test-time augmentation), in record order."""
+    model.to(device)
+    probs, labels, indices = [], [], []
+    for batch in datamodule.eval_dataloader(split):
+        probs.append(predict_proba_tta(model, batch["image"].to(device), views, calibrated).float().cpu())
+        labels.append(batch["label"])
+        indices.append(batch["index"])
+    indices_t = torch.cat(indices)
+    order = indices_t.argsort()
+    return Predictions(torch.cat(probs)[order], torch.cat(labels)[order], indices_t[order])
+
+
+def predict_members(
+    members: list[Member], settings: dict, split: str, device: torch.device, views: int, calibrated: bool
+) -> tuple[dict[str, Predictions], pd.DataFrame]:
+    """Each member's predictions on the same records; one DataModule per distinct preprocessing."""
+    datamodules: dict[Preprocessing, SkinLesionDataModule] = {}
+    results = {}
+    for member in members:
+        pre = member.model.preprocessing
+        if pre not in datamodules:
+            datamodules[pre] = datamodule_for(settings, pre, split)
+        results[member.name] = predict(member.model, datamodules[pre], split, device, views, calibrated)
+        log.info("%s: %d %s images", member.name, len(results[member.name].indices), split)
+    records = next(iter(datamodules.values())).records
+    first = next(iter(results.values()))
+    for (name, result), member in zip(results.items(), members, strict=True):
+        theirs = datamodules[member.model.preprocessing].records
+        same_images = list(theirs.loc[result.indices.numpy(), "image_id"]) == list(
+            records.loc[first.indices.numpy(), "image_id"]
+        )
+        if not (same_images and torch.equal(result.labels, first.labels)):
+            raise DataError(f"ensemble member {name} saw other {split} images than {members[0].name}")
+    return results, records
+
+
+# ---- the entry point ---------------------------------------------------------------------------------
+def _write(out_dir: Path, split: str, name: str, result: Predictions, records: pd.DataFrame, classes) -> dict:
+    image_ids = records.loc[result.indices.numpy(), "image_id"]
+    metrics = write_split_artifacts(out_dir, split, result.probs, result.labels, image_ids, classes)
+    metrics[f"{split}/ece"] = expected_calibration_error(result.probs, result.labels)
+    plot_reliability({name: (result.probs, result.labels)}, out_dir / f"reliability_{split}.png", title=split)
+    return metrics
+
+
+def _write_scores(
+    out_dir: Path, split: str, results: dict[str, Predictions], records: pd.DataFrame, classes: tuple[str, ...]
+) -> dict[str, dict]:
+    """Artifacts of every model (an ensemble's members under members/<name>/), ROC curves and one table."""
+    scores = {}
+    for name, result in results.items():
+        target = out_dir if name == ENSEMBLE or len(results) == 1 else out_dir / MEMBERS_DIR / name
+        scores[name] = _write(target, split, name, result, records, classes)
+    curves = {name: (r.labels.numpy(), r.probs.numpy()) for name, r in results.items()}
+    plot_roc_grid(curves, classes, out_dir / f"roc_{split}.png")
+    columns = (*HEADLINE_METRICS, "nll", "ece")
+    table = pd.DataFrame([{"model": name, **{m: s.get(f"{split}/{m}") for m in columns}} for name, s in scores.items()])
+    table.to_csv(out_dir / f"models_{split}.csv", index=False)
+    log.info("\n%s", table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return scores
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Predict, score and write the artifacts; return the summary written to ``metrics.json``."""
+    views = _check_settings(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    write_resolved_config(cfg, out_dir)
+    members = load_members(cfg)
+    settings = data_settings(cfg, members[0].data)
+    split = cfg.split
+    _check_same_split(members, settings, split)
+    results, records = predict_members(members, settings, split, resolve_device(cfg.device), views, cfg.calibrated)
+    if len(members) > 1:
+        first = next(iter(results.values()))
+        average = torch.stack([r.probs for r in results.values()]).mean(dim=0)
+        results = {ENSEMBLE: Predictions(average, first.labels, first.indices), **results}
+    scores = _write_scores(out_dir, split, results, records, members[0].model.class_names)
+
+    external = settings.get("test_set") if split == "test" else None
+    summary = {
+        "task": "evaluate",
+        "status": "completed",
+        "run_dir": str(out_dir),
+        "split": split,
+        "dataset": external or {k: settings.get(k) for k in ("root", "layout", "subset", "split")},
+        "images": len(next(iter(results.values())).indices),
+        "tta_views": views,
+        "calibrated": bool(cfg.calibrated),
+        "ensemble": len(members) > 1,
+        "metrics": next(iter(scores.values())),  # the ensemble's, or the single model's
+        "members": {
+            m.name: {
+                "checkpoint": str(m.path),
+                "backbone": m.model.spec.name,
+                "image_size": m.model.preprocessing.image_size,
+                "temperature": float(m.model.temperature),
+                "metrics": scores[m.name],
+            }
+            for m in members
+        },
+    }
+    write_json(out_dir / METRICS_FILE, summary)
+    log.info("evaluation folder: %s", out_dir)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def _hydra_main(cfg: DictConfig) -> float:
+    summary = cli.run_task(evaluate, cfg)
+    if not isinstance(summary, dict):
+        return float("nan")
+    return summary["metrics"].get(f"{cfg.split}/balanced_acc", float("nan"))
+
+
+def main() -> None:
+    cli.launch(_hydra_main)
+
+
+if __name__ == "__main__":
+    main()

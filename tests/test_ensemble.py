@@ -1,0 +1,112 @@
+"""Issue 5: an ensemble averages its members' probabilities exactly, each member with its own preprocessing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from skinlesion.ensemble import ensemble_checkpoints, member_names
+from skinlesion.errors import ConfigError
+from skinlesion.evaluate import evaluate
+from skinlesion.labels import CLASSES
+from skinlesion.runs import write_json
+
+from conftest import compose_config
+
+PROBS = [f"prob_{c}" for c in CLASSES]
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory: pytest.TempPathFactory, trained_run: Path) -> tuple[Path, Path]:
+    """Two different checkpoints: a tiny trained run, and a copy with other weights that reads 40 px images."""
+    root = tmp_path_factory.mktemp("ensemble")
+    first = trained_run / "checkpoints" / "best.ckpt"
+
+    checkpoint = torch.load(first, map_location="cpu", weights_only=False)
+    generator = torch.Generator().manual_seed(0)
+    for name, tensor in checkpoint["state_dict"].items():
+        if tensor.is_floating_point() and "backbone" in name:
+            tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
+    hparams = checkpoint["hyper_parameters"]
+    hparams["image_size"] = hparams["preprocessing"]["image_size"] = 40
+    second = root / "other" / "checkpoints" / "best.ckpt"
+    second.parent.mkdir(parents=True)
+    torch.save(checkpoint, second)
+    return first, second
+
+
+def run_evaluate(out: Path, *overrides: str) -> dict:
+    return evaluate(compose_config("evaluate", [f"paths.root_dir={out}", f"paths.output_dir={out}", *overrides]))
+
+
+def test_ensemble_averages_the_members_exactly(members: tuple[Path, Path], tmp_path: Path) -> None:
+    first, second = members
+    result = run_evaluate(tmp_path / "ensemble", f"ensemble=[{first},{second}]")
+    out = tmp_path / "ensemble"
+    names = member_names([first, second])
+    assert names == ["run", "other"]
+    ensemble = pd.read_csv(out / "predictions_test.csv")
+    parts = [pd.read_csv(out / "members" / name / "predictions_test.csv") for name in names]
+    for part in parts:
+        assert list(part["image_id"]) == list(ensemble["image_id"])
+        assert list(part["true"]) == list(ensemble["true"])
+    expected = (parts[0][PROBS].to_numpy() + parts[1][PROBS].to_numpy()) / 2
+    np.testing.assert_allclose(ensemble[PROBS].to_numpy(), expected, atol=1e-6)
+    assert not np.allclose(parts[0][PROBS].to_numpy(), parts[1][PROBS].to_numpy(), atol=1e-3)
+
+    # Each member is scored as on its own, through its own preprocessing (40 px for the second).
+    alone = run_evaluate(tmp_path / "alone", f"ckpt_path={second}")
+    np.testing.assert_allclose(
+        pd.read_csv(tmp_path / "alone" / "predictions_test.csv")[PROBS].to_numpy(),
+        parts[1][PROBS].to_numpy(),
+        atol=1e-6,
+    )
+    assert result["members"]["other"]["image_size"] == 40
+    assert result["members"]["other"]["metrics"] == pytest.approx(alone["metrics"])
+    assert result["ensemble"] is True
+    table = pd.read_csv(out / "models_test.csv")
+    assert list(table["model"]) == ["ensemble", *names]
+    assert table.loc[0, "balanced_acc"] == pytest.approx(result["metrics"]["test/balanced_acc"])
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == pytest.approx(result["metrics"])
+
+
+def test_ensemble_of_a_multirun_folder_uses_every_completed_run(members: tuple[Path, Path], tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun"
+    for i, checkpoint in enumerate(members):
+        run = sweep / f"{i}_mobilenetv2_seed{i}"
+        (run / "checkpoints").mkdir(parents=True)
+        shutil.copy(checkpoint, run / "checkpoints" / "best.ckpt")
+        write_json(run / "metrics.json", {"status": "completed", "backbone": "mobilenetv2", "seed": i})
+    write_json(sweep / "2_inception_v3_seed0" / "metrics.json", {"status": "failed", "error": "ConfigError: ..."})
+    assert [p.parent.parent.name for p in ensemble_checkpoints(str(sweep))] == [
+        "0_mobilenetv2_seed0",
+        "1_mobilenetv2_seed1",
+    ]
+    assert ensemble_checkpoints([str(sweep / "0_mobilenetv2_seed0")]) == [
+        sweep / "0_mobilenetv2_seed0" / "checkpoints" / "best.ckpt"
+    ]
+
+    result = run_evaluate(tmp_path / "out", f"ensemble={sweep}", "split=val", "tta=true", "tta_views=2")
+    assert sorted(result["members"]) == ["0_mobilenetv2_seed0", "1_mobilenetv2_seed1"]
+    assert result["tta_views"] == 2 and "val/balanced_acc" in result["metrics"]
+
+    with pytest.raises(ConfigError, match="no completed run"):
+        ensemble_checkpoints(str(sweep / "2_inception_v3_seed0"))
+
+
+def test_members_trained_on_different_splits_are_refused(members: tuple[Path, Path], tmp_path: Path) -> None:
+    first, _ = members
+    checkpoint = torch.load(first, map_location="cpu", weights_only=False)
+    checkpoint["datamodule_hyper_parameters"]["split"]["seed"] = 7
+    other = tmp_path / "other-split.ckpt"
+    torch.save(checkpoint, other)
+    with pytest.raises(ConfigError, match="different splits"):
+        run_evaluate(tmp_path, f"ensemble=[{first},{other}]")
+    with pytest.raises(ConfigError, match="either ckpt_path"):
+        run_evaluate(tmp_path, f"ckpt_path={first}", f"ensemble=[{first}]")

@@ -1,0 +1,187 @@
+"""Issue 5: the comparison report over a folder of runs, built from hand-made run folders (no training)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from skinlesion import cli
+from skinlesion.artifacts import write_split_artifacts
+from skinlesion.errors import ConfigError, DataError
+from skinlesion.labels import CLASSES
+from skinlesion.report import NOT_FINISHED, MultirunReport, main, write_report
+from skinlesion.runs import write_json
+
+N_IMAGES = 28
+
+
+def make_run(
+    sweep: Path,
+    name: str,
+    backbone: str,
+    seed: int,
+    *,
+    failed: str | None = None,
+    with_test: bool = True,
+    extra: tuple[str, ...] = (),
+) -> dict:
+    """A run folder as train() leaves it: overrides, metrics.json and the split artifacts."""
+    run = sweep / name
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(
+        OmegaConf.create([f"model={backbone}", f"seed={seed}", "trainer.max_epochs=3", *extra]),
+        run / ".hydra" / "overrides.yaml",
+    )
+    if failed:
+        summary = {"status": "failed", "error": failed, "backbone": backbone, "seed": seed}
+        write_json(run / "metrics.json", summary)
+        return summary
+    generator = torch.Generator().manual_seed(sum(map(ord, name)))
+    labels = torch.arange(N_IMAGES) % len(CLASSES)
+    metrics = {}
+    for split in ("val", "test") if with_test else ("val",):
+        probs = torch.rand(N_IMAGES, len(CLASSES), generator=generator).softmax(1)
+        ids = [f"{split}_{i}" for i in range(N_IMAGES)]
+        metrics |= write_split_artifacts(run, split, probs, labels, ids, CLASSES)
+    metrics["val/loss"] = 1.5 + seed / 10  # of the best epoch's weights, which train() re-validates
+    summary = {
+        "status": "completed",
+        "backbone": backbone,
+        "image_size": 64,
+        "seed": seed,
+        "best_epoch": 1,
+        "epochs": 3,
+        "params_total": 2_500_000,
+        "train_time_s": 10.0 + seed,
+        "train_images_per_s": 100.0 + seed,
+        "metrics": metrics,
+        "last_epoch": {"val/loss": 1.8},
+    }
+    write_json(run / "metrics.json", summary)
+    return summary
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> tuple[Path, dict[str, dict]]:
+    folder = tmp_path / "multirun"
+    runs = {
+        "0_resnet50_seed0": make_run(folder, "0_resnet50_seed0", "resnet50", 0),
+        "1_resnet50_seed1": make_run(folder, "1_resnet50_seed1", "resnet50", 1),
+        "2_densenet121_seed0": make_run(folder, "2_densenet121_seed0", "densenet121", 0),
+        "3_mobilenetv2_seed0": make_run(
+            folder, "3_mobilenetv2_seed0", "mobilenetv2", 0, failed="TrainingDivergedError: train/loss became nan"
+        ),
+    }
+    (folder / "4_efficientnet_b0_seed0" / ".hydra").mkdir(parents=True)  # a job killed before train() wrote anything
+    OmegaConf.save(
+        OmegaConf.create(["model=efficientnet_b0", "seed=0", "trainer.max_epochs=3"]),
+        folder / "4_efficientnet_b0_seed0" / ".hydra" / "overrides.yaml",
+    )
+    return folder, runs
+
+
+def test_seeds_pool_into_mean_and_std_and_failures_keep_their_error(sweep) -> None:
+    folder, runs = sweep
+    report = write_report(folder)
+    for name in (
+        "runs.csv",
+        "summary.csv",
+        "summary.md",
+        "summary_metrics.png",
+        "summary_confusion.png",
+        "summary_roc.png",
+    ):
+        assert (folder / name).is_file(), name
+
+    table = pd.read_csv(folder / "runs.csv").set_index("run")
+    assert len(table) == 5
+    for name, summary in runs.items():
+        if summary["status"] == "completed":
+            assert table.loc[name, "split"] == "test"
+            for metric in ("acc", "top3_acc", "balanced_acc", "f1_macro", "auroc_macro", "recall_mel"):
+                assert table.loc[name, metric] == pytest.approx(summary["metrics"][f"test/{metric}"])
+            assert table.loc[name, "val_loss"] == pytest.approx(1.5 + summary["seed"] / 10)  # the best epoch's
+    assert table.loc["3_mobilenetv2_seed0", "error"] == "TrainingDivergedError: train/loss became nan"
+    assert table.loc["4_efficientnet_b0_seed0", "status"] == "failed"
+    assert table.loc["4_efficientnet_b0_seed0", "error"] == NOT_FINISHED
+
+    summary = pd.read_csv(folder / "summary.csv").set_index("backbone")
+    resnet = [runs[f"{i}_resnet50_seed{i}"]["metrics"]["test/balanced_acc"] for i in (0, 1)]
+    assert summary.loc["resnet50", "runs"] == 2
+    assert summary.loc["resnet50", "seeds"] == "0,1"
+    assert summary.loc["resnet50", "balanced_acc"] == pytest.approx(statistics.mean(resnet))
+    assert summary.loc["resnet50", "balanced_acc_std"] == pytest.approx(statistics.stdev(resnet))
+    assert summary.loc["resnet50", "train_time_s"] == pytest.approx(10.5)
+    assert math.isnan(summary.loc["densenet121", "balanced_acc_std"])
+    assert summary.loc["mobilenetv2", "status"] == "failed" and math.isnan(summary.loc["mobilenetv2", "rank"])
+    completed = summary[summary["status"] == "completed"].sort_values("rank")
+    assert list(completed["balanced_acc"]) == sorted(completed["balanced_acc"], reverse=True)
+    assert list(completed["rank"]) == [1, 2]
+    assert set(report.failed["run"]) == {"3_mobilenetv2_seed0", "4_efficientnet_b0_seed0"}
+
+    markdown = (folder / "summary.md").read_text()
+    assert "±" in markdown and "## Failed runs" in markdown
+    assert "train/loss became nan" in markdown and NOT_FINISHED in markdown
+    assert "**test**" in markdown
+
+
+def test_rank_by_picks_the_split_and_the_direction(sweep) -> None:
+    folder, runs = sweep
+    write_report(folder, rank_by="val/f1_macro")
+    table = pd.read_csv(folder / "runs.csv").set_index("run")
+    assert table.loc["2_densenet121_seed0", "split"] == "val"
+    assert table.loc["2_densenet121_seed0", "f1_macro"] == pytest.approx(
+        runs["2_densenet121_seed0"]["metrics"]["val/f1_macro"]
+    )
+    summary = write_report(folder, rank_by="val_loss").summary
+    ranked = summary.dropna(subset=["rank"]).sort_values("rank")
+    assert list(ranked["val_loss"]) == sorted(ranked["val_loss"])  # lower is better
+    with pytest.raises(ConfigError, match="not a report column"):
+        write_report(folder, rank_by="test/accuracy")
+    with pytest.raises(ConfigError, match="val or test"):
+        write_report(folder, rank_by="train/balanced_acc")
+
+
+def test_runs_without_a_test_split_report_validation_and_configs_stay_apart(tmp_path: Path) -> None:
+    folder = tmp_path / "sweep"
+    make_run(folder, "0_resnet50_seed0", "resnet50", 0, with_test=False, extra=("optimizer.lr=0.001",))
+    make_run(folder, "1_resnet50_seed0", "resnet50", 0, with_test=False, extra=("optimizer.lr=0.0001",))
+    summary = write_report(folder).summary
+    assert sorted(summary["config"]) == ["optimizer.lr=0.0001", "optimizer.lr=0.001"]  # not pooled as seeds
+    assert set(summary["split"]) == {"val"}
+    assert "**val**" in (folder / "summary.md").read_text()
+
+
+def test_evaluation_folders_are_not_training_runs(tmp_path: Path) -> None:
+    write_json(tmp_path / "eval" / "metrics.json", {"task": "evaluate", "status": "completed", "metrics": {}})
+    with pytest.raises(DataError, match="no training runs"):
+        write_report(tmp_path)
+
+
+def test_command_line_writes_the_report_and_rejects_bad_input(sweep, capsys) -> None:
+    folder, _ = sweep
+    main([str(folder), "--rank-by", "test/auroc_macro"])
+    out = capsys.readouterr().out
+    assert "# Backbone comparison" in out and "resnet50" in out and str(folder / "summary.md") in out
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(folder / "missing")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_multirun_callback_writes_the_report_and_flags_the_failed_jobs(sweep) -> None:
+    folder, _ = sweep
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(folder)}}})
+    cli.FAILED_JOBS.clear()
+    try:
+        MultirunReport(rank_by="balanced_acc").on_multirun_end(config=config)
+        assert (folder / "summary.md").is_file()
+        assert set(cli.FAILED_JOBS) == {str(folder / "3_mobilenetv2_seed0"), str(folder / "4_efficientnet_b0_seed0")}
+    finally:
+        cli.FAILED_JOBS.clear()
