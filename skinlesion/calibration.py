@@ -1,32 +1,31 @@
 """Calibrated probabilities: expected calibration error, temperature scaling, reliability diagrams.
 
 Temperature scaling (Guo et al. 2017) divides the logits by one scalar fitted on the validation split
-by minimising the negative log-likelihood; it changes confidences, never the predicted class.
+by minimising the negative log-likelihood; it changes confidences, never the predicted class. The
+temperature is stored in the checkpoint (buffer ``temperature``) and applied by
+``SkinLesionClassifier.predict_proba(..., calibrated=True)``, so `predict` and `evaluate` use it unless
+told ``calibrated=false``.
+
+ECE is torchmetrics' top-label L1 calibration error over ``n_bins`` equal-width confidence bins:
+``sum_b |B_b| / n * |accuracy(B_b) - confidence(B_b)|``.
 """
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchmetrics.functional.classification import multiclass_calibration_error
 
 from skinlesion.plots import plt, save_figure
 
+N_BINS = 15
 
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
-    """ECE = sum_b |B_b|/n * |accuracy(B_b) - confidence(B_b)| over equal-width confidence bins."""
-    confidence, predicted = probs.max(dim=1)
-    correct = (predicted == labels).float()
-    edges = torch.linspace(0, 1, n_bins + 1)
-    ece = torch.zeros(())
-    for low, high in itertools.pairwise(edges):
-        in_bin = (confidence > low) & (confidence <= high)
-        if in_bin.any():
-            ece += in_bin.float().mean() * (correct[in_bin].mean() - confidence[in_bin].mean()).abs()
-    return float(ece)
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = N_BINS) -> float:
+    return float(multiclass_calibration_error(probs, labels, num_classes=probs.shape[1], n_bins=n_bins, norm="l1"))
 
 
 def fit_temperature(
@@ -50,23 +49,71 @@ def fit_temperature(
     return temperature if after <= before else 1.0  # never make NLL worse than no scaling
 
 
+def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: float, split: str) -> dict:
+    """ECE and NLL of one split without (``*_uncalibrated``) and with the temperature."""
+    logits = logits.float()
+    scaled = logits / temperature
+    return {
+        f"{split}/ece_uncalibrated": expected_calibration_error(logits.softmax(1), labels),
+        f"{split}/ece": expected_calibration_error(scaled.softmax(1), labels),
+        f"{split}/nll_uncalibrated": float(F.cross_entropy(logits, labels)),
+        f"{split}/nll": float(F.cross_entropy(scaled, labels)),
+    }
+
+
+def write_calibration(
+    out_dir: Path, split: str, logits: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> dict:
+    """``reliability_<split>.png`` (before and after scaling) and the split's calibration metrics."""
+    logits = logits.float()
+    curves = {
+        "uncalibrated": (logits.softmax(1), labels),
+        f"temperature {temperature:.2f}": ((logits / temperature).softmax(1), labels),
+    }
+    plot_reliability(curves, out_dir / f"reliability_{split}.png", title=f"{split} (n={len(labels)})")
+    return calibration_metrics(logits, labels, temperature, split)
+
+
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = N_BINS) -> dict[str, np.ndarray]:
+    """Per-bin mean confidence, accuracy and count, binned like the ECE ([low, high); 1.0 in the last bin)."""
+    confidence, predicted = probs.float().max(dim=1)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, n_bins + 1)
+    index = (torch.bucketize(confidence, edges, right=True) - 1).clamp(0, n_bins - 1)
+    count = torch.zeros(n_bins).scatter_add_(0, index, torch.ones_like(confidence))
+    total_conf = torch.zeros(n_bins).scatter_add_(0, index, confidence)
+    total_correct = torch.zeros(n_bins).scatter_add_(0, index, correct)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "edges": edges.numpy(),
+            "count": count.numpy(),
+            "confidence": (total_conf / count).numpy(),
+            "accuracy": (total_correct / count).numpy(),
+        }
+
+
 def plot_reliability(
-    curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, n_bins: int = 15, title: str = ""
+    curves: dict[str, tuple[torch.Tensor, torch.Tensor]], path: Path, n_bins: int = N_BINS, title: str = ""
 ) -> None:
-    """Accuracy against confidence per bin for each named (probs, labels) pair, with each one's ECE."""
-    fig, ax = plt.subplots(figsize=(5, 5))
+    """Accuracy against mean confidence per bin for each named (probs, labels) pair, with each one's ECE;
+    below, how many predictions fall in each confidence bin (an almost empty bin's accuracy means little)."""
+    fig, (ax, hist) = plt.subplots(
+        2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.08}
+    )
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
-    edges = np.linspace(0, 1, n_bins + 1)
-    for name, (probs, labels) in curves.items():
-        confidence, predicted = probs.max(dim=1)
-        correct = (predicted == labels).float().numpy()
-        bins = np.clip(np.digitize(confidence.numpy(), edges[1:-1], right=True), 0, n_bins - 1)
-        xs = [confidence.numpy()[bins == b].mean() for b in range(n_bins) if (bins == b).any()]
-        ys = [correct[bins == b].mean() for b in range(n_bins) if (bins == b).any()]
+    width = 1.0 / n_bins
+    for k, (name, (probs, labels)) in enumerate(curves.items()):
+        bins = reliability_bins(probs, labels, n_bins)
+        filled = bins["count"] > 0
         ece = expected_calibration_error(probs, labels, n_bins)
-        ax.plot(xs, ys, marker="o", label=f"{name} (ECE {ece:.3f})")
-    ax.set_xlabel("confidence")
+        ax.plot(bins["confidence"][filled], bins["accuracy"][filled], marker="o", label=f"{name} (ECE {ece:.3f})")
+        offset = (k - (len(curves) - 1) / 2) * width / len(curves)
+        hist.bar(bins["edges"][:-1] + width / 2 + offset, bins["count"], width / len(curves), label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.set_title(title or "reliability diagram")
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper left", fontsize=8)
+    hist.set_xlabel("confidence (top-class probability)")
+    hist.set_ylabel("predictions")
     save_figure(fig, path)

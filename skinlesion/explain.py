@@ -1,0 +1,157 @@
+"""Grad-CAM explanations of a trained checkpoint, for your images or for a split of its dataset.
+
+    python -m skinlesion.explain ckpt_path=<run>/checkpoints/best.ckpt images=photos/ [method=gradcam++]
+    python -m skinlesion.explain ckpt_path=<run>/checkpoints/best.ckpt split=test per_class=4
+
+With ``images`` (a file or folder): one figure per image in ``<run>/images/`` (original with its true
+label when the checkpoint's dataset knows the image, heatmap overlay, top-3 probabilities). Without:
+per true class of the split, the most confident correct and wrong predictions side by side
+(``gallery_<class>.png``) plus a figure per shown image. Either way ``explanations.csv`` lists every
+image with its prediction. Heatmaps come from :mod:`skinlesion.gradcam`. :func:`explain` is the plain
+function; ``main`` is the thin Hydra wrapper.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import pandas as pd
+import torch
+from omegaconf import DictConfig
+
+from skinlesion import cli
+from skinlesion.data.images import ImageReadError
+from skinlesion.errors import CheckpointError, ConfigError
+from skinlesion.evaluate import datamodule_for
+from skinlesion.evaluate import predict as predict_split
+from skinlesion.gradcam import (
+    Explanation,
+    check_method,
+    compute_cams,
+    explanation_row,
+    plot_explanation,
+    write_split_gallery,
+)
+from skinlesion.inference import InferenceModel, list_images, required_path
+from skinlesion.runs import write_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("val", "test")
+TABLE_FILE = "explanations.csv"
+USAGE = "python -m skinlesion.explain ckpt_path=<run>/checkpoints/best.ckpt [images=FILE_OR_DIR | split=val]"
+
+
+def explain_images(
+    loaded: InferenceModel,
+    paths: list[Path],
+    out_dir: Path,
+    method: str = "gradcam",
+    calibrated: bool = True,
+    batch_size: int = 16,
+) -> pd.DataFrame:
+    """One figure per readable image in ``out_dir/images``; a row per path (unreadable: ``error``)."""
+    known = loaded.labels_by_image_id()
+    classes, pre = loaded.classes, loaded.model.preprocessing
+    rows = []
+    for start in range(0, len(paths), batch_size):
+        chunk, originals, done = paths[start : start + batch_size], {}, {}
+        for path in chunk:
+            try:
+                originals[path] = loaded.read(path)
+            except ImageReadError as err:
+                done[path] = {"path": str(path), "error": str(err)}
+        readable = [path for path in chunk if path in originals]
+        if readable:
+            inputs = torch.stack([loaded.to_input(originals[path]) for path in readable])
+            probs = loaded.predict_proba(inputs, calibrated=calibrated).numpy()
+            cams = compute_cams(loaded.model, inputs, method, targets=probs.argmax(1).tolist())
+            for path, p, cam in zip(readable, probs, cams, strict=True):
+                item = Explanation.build(
+                    path.name, originals[path], cam, p, pre, loaded.center_crop, known.get(path.stem)
+                )
+                panel = out_dir / "images" / f"{start + chunk.index(path):04d}_{path.stem}.png"
+                plot_explanation(item, classes, panel, method)
+                done[path] = {"path": str(path)} | explanation_row(item, classes) | {"panel": str(panel), "error": ""}
+        rows += [done[path] for path in chunk]
+    return pd.DataFrame(rows)
+
+
+def explain_split(
+    loaded: InferenceModel,
+    split: str,
+    out_dir: Path,
+    per_class: int,
+    method: str = "gradcam",
+    calibrated: bool = True,
+    data_root: str | None = None,
+) -> pd.DataFrame:
+    """Galleries of the checkpoint's own ``split``, rebuilt from the data settings it carries (``data_root``
+    if the dataset moved), predicted as ``skinlesion.evaluate`` predicts it."""
+    if split not in SPLITS:
+        raise ConfigError(f"split={split} is not valid; choose one of {', '.join(SPLITS)}")
+    if not loaded.data:
+        raise CheckpointError(f"{loaded.path}: has no saved data settings; give images=FILE_OR_DIR instead")
+    settings = loaded.data | ({"root": data_root} if data_root else {})
+    datamodule = datamodule_for(settings, loaded.model.preprocessing, split)
+    result = predict_split(loaded.model, datamodule, split, loaded.model.device, views=1, calibrated=calibrated)
+    records = datamodule.records.loc[result.indices.numpy()]
+    return write_split_gallery(
+        loaded.model,
+        datamodule.datasets[split],
+        records,
+        result.probs,
+        result.labels,
+        out_dir,
+        per_class,
+        method,
+        loaded.center_crop,
+        panels=True,
+    )
+
+
+def explain(cfg: DictConfig) -> dict:
+    """Write the figures and ``explanations.csv`` into the run folder; returns what was written."""
+    run_dir = Path(cfg.paths.output_dir)
+    method = check_method(cfg.method)
+    loaded = InferenceModel.load(required_path(cfg.ckpt_path, "ckpt_path", USAGE), cfg.device)
+    if cfg.images:
+        paths = list_images(cfg.images)[: cfg.n or None]
+        table = explain_images(loaded, paths, run_dir, method, bool(cfg.calibrated), int(cfg.batch_size))
+    else:
+        table = explain_split(
+            loaded, cfg.split, run_dir, int(cfg.per_class), method, bool(cfg.calibrated), cfg.data_root
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(run_dir / TABLE_FILE, index=False)
+    summary = {
+        "checkpoint": str(loaded.path),
+        "backbone": loaded.model.spec.name,
+        "method": method,
+        "source": str(cfg.images) if cfg.images else f"split {cfg.split}",
+        "images": len(table),
+        "failed": int((table.get("error", pd.Series(dtype=str)).fillna("") != "").sum()),
+        "table": str(run_dir / TABLE_FILE),
+        "figures": sorted(str(p) for p in run_dir.rglob("*.png")),
+    }
+    write_json(run_dir / "explain.json", summary)
+    log.info("%d images explained with %s; figures in %s", len(table), method, run_dir)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="explain")
+def _hydra_main(cfg: DictConfig) -> None:
+    summary = cli.run_task(explain, cfg)
+    if isinstance(summary, dict):
+        unreadable = f", {summary['failed']} unreadable" if summary["failed"] else ""
+        print(f"{summary['images']} images ({summary['method']}{unreadable}): {summary['table']}")
+
+
+def main() -> None:
+    cli.launch(_hydra_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Export a trained checkpoint to ONNX, with its preprocessing recorded beside it and a parity check.
+
+    python -m skinlesion.export ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt
+    python -m skinlesion.export ckpt_path=... out=models/resnet50.onnx
+
+The ONNX graph is the backbone alone. Input ``image``: float32 NCHW ``[batch, 3, S, S]`` (dynamic batch,
+``S`` = the checkpoint's image size), RGB already resized (and centre-cropped if the model was trained
+so) and normalised as ``(pixel / 255 - mean) / std``. Output ``logits``: ``[batch, classes]``; calibrated
+probabilities are ``softmax(logits / temperature)``. The JSON beside the model (same name, ``.json``)
+records all of it: size, mean, std, interpolation, crop, class names and temperature.
+
+Before the model is published it is compared with the PyTorch model on random images of several batch
+sizes, through onnxruntime when it is installed (else onnx's reference evaluator); a maximum absolute
+logit difference above ``check.atol`` (1e-4 for fp32) is an error. The exporter is torch's
+``torch.export``-based one (``dynamo=True``, the default since torch 2.9), which exports all five
+backbones with a dynamic batch; ``exporter=torchscript`` selects the deprecated tracing exporter.
+:func:`export` is the plain function; ``main`` is the thin Hydra wrapper.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import albumentations as A
+import hydra
+import numpy as np
+import onnx
+import torch
+from omegaconf import DictConfig
+
+from skinlesion import cli
+from skinlesion.errors import ConfigError
+from skinlesion.inference import InferenceModel, required_path
+from skinlesion.models.module import SkinLesionClassifier
+from skinlesion.runs import write_json
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx",)
+EXPORTERS = ("dynamo", "torchscript")
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+USAGE = "python -m skinlesion.export ckpt_path=<run>/checkpoints/best.ckpt [out=model.onnx]"
+
+
+class ParityError(RuntimeError):
+    """The exported model does not reproduce the PyTorch model's outputs."""
+
+
+def export_onnx(model: SkinLesionClassifier, path: Path, exporter: str = "dynamo", opset: int = 18) -> None:
+    """Write the backbone as ONNX with a dynamic batch dimension (input and output)."""
+    size = model.preprocessing.image_size
+    example = torch.zeros(2, 3, size, size)  # batch 2: a batch of 1 would be specialised away
+    options: dict = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
+    if exporter == "dynamo":
+        batch = torch.export.Dim("batch")
+        options |= {"dynamo": True, "dynamic_shapes": ({0: batch},), "external_data": False, "verbose": False}
+    else:
+        options |= {"dynamo": False, "dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}}
+    backbone = model.backbone.eval().cpu()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the torchscript exporter's notice
+        torch.onnx.export(backbone, (example,), str(path), **options)
+
+
+def onnx_runner(path: Path) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+    """(runtime name, function: normalised images -> logits) for the ONNX file."""
+    try:
+        import onnxruntime
+    except ImportError:
+        from onnx.reference import ReferenceEvaluator
+
+        evaluator = ReferenceEvaluator(str(path))
+        return f"onnx.reference {onnx.__version__}", lambda x: evaluator.run(None, {INPUT_NAME: x})[0]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return f"onnxruntime {onnxruntime.__version__}", lambda x: session.run(None, {INPUT_NAME: x})[0]
+
+
+@torch.no_grad()
+def check_parity(
+    model: SkinLesionClassifier, path: Path, batch_sizes: Sequence[int] = (1, 3), atol: float = 1e-4, seed: int = 0
+) -> dict:
+    """Maximum absolute logit difference between the ONNX file and ``model`` on random uint8 images,
+    normalised as the model normalises them; raises ParityError above ``atol``."""
+    onnx.checker.check_model(str(path))
+    runtime, run = onnx_runner(path)
+    generator = torch.Generator().manual_seed(seed)
+    size = model.preprocessing.image_size
+    model = model.eval().cpu()
+    diffs = []
+    for batch in batch_sizes:
+        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
+        inputs = model.normalize(images)
+        expected = model(inputs).float().numpy()
+        diffs.append(float(np.abs(run(inputs.numpy()) - expected).max()))
+    result = {"runtime": runtime, "batch_sizes": list(batch_sizes), "max_abs_diff": max(diffs), "atol": atol}
+    if not result["max_abs_diff"] < atol:
+        raise ParityError(
+            f"{path.name}: ONNX logits differ from PyTorch by up to {result['max_abs_diff']:.2e} (limit {atol:.0e}, "
+            f"{runtime}); the model was not published — try exporter=torchscript or another opset"
+        )
+    return result
+
+
+def describe(loaded: InferenceModel, onnx_file: Path, exporter: str, opset: int, parity: dict) -> dict:
+    """What a user of the ONNX file needs to feed it and read its output, without this package."""
+    model, pre = loaded.model, loaded.model.preprocessing
+    size = pre.image_size
+    crop = f", then centre-crop to {size}x{size}" if loaded.center_crop else ""
+    resize_to = pre.resize_size if loaded.center_crop else size
+    return {
+        "format": "onnx",
+        "file": onnx_file.name,
+        "checkpoint": str(loaded.path),
+        "backbone": model.spec.name,
+        "timm_name": model.spec.timm_name,
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW RGB"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(model.class_names)], "dtype": "float32"},
+        "preprocessing": pre.to_dict() | {"center_crop": loaded.center_crop, "resize_size": pre.resize_size},
+        "steps": [
+            "decode to RGB uint8 (grayscale repeated to 3 channels, alpha composited on white)",
+            f"resize to {resize_to}x{resize_to}, aspect ratio not kept{crop}: exactly 'transform' "
+            "(albumentations.from_dict(...) rebuilds it)",
+            "x = (pixel / 255 - mean) / std per channel, float32",
+            "HWC -> CHW, stack into a batch",
+        ],
+        "transform": A.to_dict(loaded.transform),
+        "class_names": list(model.class_names),
+        "temperature": float(model.temperature),
+        "probabilities": "softmax(logits / temperature) over class_names; softmax(logits) uncalibrated",
+        "exporter": f"torch.onnx.export(dynamo={exporter == 'dynamo'}) torch {torch.__version__}",
+        "opset": opset,
+        "parity": parity,
+    }
+
+
+def export(cfg: DictConfig) -> dict:
+    """Export, check and publish the model and its JSON; returns their paths and the parity check."""
+    if cfg.format not in FORMATS:
+        raise ConfigError(f"format={cfg.format} is not supported; supported: {', '.join(FORMATS)}")
+    if cfg.exporter not in EXPORTERS:
+        raise ConfigError(f"exporter={cfg.exporter} is not valid; choose one of {', '.join(EXPORTERS)}")
+    if cfg.exporter == "dynamo" and importlib.util.find_spec("onnxscript") is None:
+        raise ConfigError(
+            "exporter=dynamo needs onnxscript: pip install 'skinlesion[onnx]', or use exporter=torchscript"
+        )
+    ckpt_path = required_path(cfg.ckpt_path, "ckpt_path", USAGE)
+    loaded = InferenceModel.load(ckpt_path, "cpu")
+    target = Path(cfg.out).expanduser() if cfg.out else Path(cfg.paths.output_dir) / f"{loaded.model.spec.name}.onnx"
+    if target.suffix != ".onnx":
+        raise ConfigError(f"out={target}: the file name must end in .onnx")
+    sidecar = target.with_suffix(".json")
+    for path in (target, sidecar):
+        if path.exists():
+            raise ConfigError(f"{path} already exists; export never overwrites: give another out=")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.stem}.partial{os.getpid()}.onnx")
+    try:
+        export_onnx(loaded.model, partial, cfg.exporter, int(cfg.opset))
+        parity = check_parity(loaded.model, partial, list(cfg.check.batch_sizes), float(cfg.check.atol))
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    write_json(sidecar, describe(loaded, target, cfg.exporter, int(cfg.opset), parity))
+    log.info("ONNX model in %s, preprocessing in %s", target, sidecar)
+    return {"onnx": str(target), "json": str(sidecar), "parity": parity}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
+def _hydra_main(cfg: DictConfig) -> None:
+    result = cli.run_task(export, cfg)
+    if isinstance(result, dict):
+        parity = result["parity"]
+        print(
+            f"{result['onnx']}\n{result['json']}\nparity ({parity['runtime']}, batch sizes {parity['batch_sizes']}): "
+            f"max |ONNX - PyTorch| = {parity['max_abs_diff']:.2e} (limit {parity['atol']:.0e})"
+        )
+
+
+def main() -> None:
+    cli.launch(_hydra_main)
+
+
+if __name__ == "__main__":
+    main()

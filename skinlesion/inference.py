@@ -1,0 +1,128 @@
+"""A trained checkpoint ready for new images, read exactly as its validation images were.
+
+`predict`, `explain` and `export` start here, so none of them repeats a model's preprocessing: images go
+through :func:`load_rgb` (any format to RGB uint8), then the checkpoint's own eval transform (its size,
+interpolation and centre-crop setting), and the model normalises them with its own mean and std.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+
+from skinlesion.checkpoints import classifier_from_checkpoint, read_checkpoint
+from skinlesion.data.dataset import to_chw_tensor
+from skinlesion.data.images import DEFAULT_MAX_PIXELS, load_rgb
+from skinlesion.data.layouts import load_records
+from skinlesion.data.transforms import eval_transform
+from skinlesion.errors import ConfigError, DataError
+from skinlesion.models.module import SkinLesionClassifier
+from skinlesion.tta import predict_proba_tta
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name} is not a device; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but no CUDA GPU is available; use device=cpu")
+    return device
+
+
+def required_path(value: str | None, key: str, usage: str) -> Path:
+    """A path setting that has no default, with the usage line when it is missing."""
+    if value in (None, "", "???"):
+        raise ConfigError(f"{key} is required: {usage}")
+    return Path(str(value)).expanduser()
+
+
+def list_images(source: str | Path) -> list[Path]:
+    """The file, or every non-hidden file under the folder (any extension: a bad file gets its own error)."""
+    source = Path(source).expanduser()
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise DataError(f"{source}: no such file or folder; give an image file or a folder of images")
+    files = sorted(
+        p
+        for p in source.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
+    )
+    if not files:
+        raise DataError(f"{source}: the folder holds no files")
+    return files
+
+
+def top_k(probs: np.ndarray, classes: Sequence[str], k: int = 3) -> list[tuple[str, float]]:
+    order = np.argsort(-probs)[:k]
+    return [(classes[i], float(probs[i])) for i in order]
+
+
+def format_top_k(probs: np.ndarray, classes: Sequence[str], k: int = 3) -> str:
+    return "; ".join(f"{name} {p:.3f}" for name, p in top_k(probs, classes, k))
+
+
+@dataclass
+class InferenceModel:
+    """The classifier (eval mode, on ``device``) with the data settings it was trained with."""
+
+    model: SkinLesionClassifier
+    path: Path
+    data: dict = field(default_factory=dict)  # the DataModule settings saved in the checkpoint
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> InferenceModel:
+        path = Path(path).expanduser()
+        checkpoint = read_checkpoint(path)
+        model = classifier_from_checkpoint(checkpoint, path).to(resolve_device(device))
+        return cls(model, path, dict(checkpoint.get("datamodule_hyper_parameters") or {}))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.model.class_names
+
+    @property
+    def center_crop(self) -> bool:
+        return bool(self.data.get("center_crop", False))
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.data.get("max_image_pixels") or DEFAULT_MAX_PIXELS)
+
+    @cached_property
+    def transform(self) -> A.Compose:
+        return eval_transform(self.model.preprocessing, self.center_crop)
+
+    def read(self, path: str | Path) -> np.ndarray:
+        """The file as RGB uint8 HxWx3; raises ImageReadError for a file that is not a usable image."""
+        return load_rgb(path, self.max_pixels)
+
+    def to_input(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 CxHxW at the model's input size, as the validation loader produced it."""
+        return to_chw_tensor(self.transform(image=image)["image"])
+
+    def predict_proba(self, images: torch.Tensor, tta_views: int = 1, calibrated: bool = True) -> torch.Tensor:
+        """Class probabilities of uint8 NCHW ``images`` (temperature-scaled unless ``calibrated=False``)."""
+        probs = predict_proba_tta(self.model, images.to(self.model.device), views=tta_views, calibrated=calibrated)
+        return probs.float().cpu()
+
+    def labels_by_image_id(self) -> dict[str, int]:
+        """Image id -> label of the checkpoint's dataset where it is on disk, else empty (labels unknown)."""
+        if not self.data:
+            return {}
+        try:
+            records = load_records(
+                self.data["root"], self.data.get("layout", "auto"), self.data.get("subset", "Training")
+            )
+        except DataError:
+            return {}
+        return dict(zip(records["image_id"], records["label"].astype(int), strict=True))

@@ -1,0 +1,131 @@
+"""Issue 6: predict reads any folder, reports bad files per row, and uses the checkpoint's own settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from skinlesion.data.images import load_rgb
+from skinlesion.data.layouts import load_records
+from skinlesion.data.transforms import eval_transform
+from skinlesion.errors import ConfigError, DataError
+from skinlesion.inference import InferenceModel
+from skinlesion.labels import CLASSES
+from skinlesion.predict import predict
+from skinlesion.tta import dihedral_views
+
+from conftest import compose_config, random_checkpoint, run_cli
+
+IMAGE_SIZE = 40  # not a backbone default: predict must take it from the checkpoint
+TEMPERATURE = 2.5
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A MobileNetV2 checkpoint (random weights) as skinlesion.train saves one."""
+    path = tmp_path_factory.mktemp("checkpoint") / "best.ckpt"
+    return random_checkpoint(path, "mobilenetv2", IMAGE_SIZE, TEMPERATURE, head_std=0.5)
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> Path:
+    """Two good JPEGs, a grayscale PNG (good), a truncated JPEG and a text file (bad)."""
+    folder = tmp_path_factory.mktemp("inputs")
+    sources = load_records(synthetic_root)["path"].head(3).tolist()
+    for source in sources[:2]:
+        (folder / Path(source).name).write_bytes(Path(source).read_bytes())
+    Image.open(sources[2]).convert("L").save(folder / "gray.png")
+    data = Path(sources[0]).read_bytes()
+    (folder / "corrupt.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "notes.txt").write_text("not an image\n")
+    return folder
+
+
+def predict_cfg(tmp_path: Path, checkpoint: Path, source: Path, *overrides: str):
+    return compose_config(
+        "predict",
+        [
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path / 'run'}",
+            f"ckpt_path={checkpoint}",
+            f"input={source}",
+            "device=cpu",
+            *overrides,
+        ],
+    )
+
+
+def test_folder_with_bad_files_gives_one_row_each_and_errors_for_the_bad(
+    tmp_path: Path, checkpoint: Path, mixed_folder: Path
+) -> None:
+    frame = predict(predict_cfg(tmp_path, checkpoint, mixed_folder))
+
+    assert sorted(Path(p).name for p in frame["path"]) == sorted(p.name for p in mixed_folder.iterdir())
+    rows = frame.set_index(frame["path"].map(lambda p: Path(p).name))
+    assert "truncated" in rows.loc["corrupt.jpg", "error"] or "corrupt" in rows.loc["corrupt.jpg", "error"]
+    assert "not an image" in rows.loc["notes.txt", "error"]
+    bad = rows.loc[["corrupt.jpg", "notes.txt"]]
+    assert bad[[f"prob_{c}" for c in CLASSES]].isna().all().all() and bad["pred"].isna().all()
+
+    good = rows[rows["error"] == ""]
+    assert len(good) == 3 and "gray.png" in good.index
+    probs = good[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert (good["pred"] == [CLASSES[k] for k in probs.argmax(1)]).all()
+    assert all(t.split("; ")[0].startswith(p) for t, p in zip(good["top3"], good["pred"], strict=True))
+    assert len(good["top3"].iloc[0].split("; ")) == 3
+
+    written = pd.read_csv(tmp_path / "run" / "predictions.csv", keep_default_na=False)
+    assert list(written["path"]) == list(frame["path"])
+    assert (tmp_path / "run" / "predict.json").is_file()
+
+
+def test_probabilities_use_the_checkpoint_preprocessing_temperature_and_tta(
+    tmp_path: Path, checkpoint: Path, mixed_folder: Path
+) -> None:
+    image_path = next(mixed_folder.glob("ISIC_*.jpg"))
+    loaded = InferenceModel.load(checkpoint, "cpu")
+    pre = loaded.model.preprocessing
+    assert pre.image_size == IMAGE_SIZE  # stored in the checkpoint, not the backbone's default
+    resized = eval_transform(pre)(image=load_rgb(image_path))["image"]
+    image = torch.from_numpy(resized).permute(2, 0, 1)[None]
+    assert image.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)
+    logits = loaded.model(loaded.model.normalize(image)).detach()
+
+    def probs_of(*overrides: str) -> np.ndarray:
+        out = tmp_path / f"{len(list(tmp_path.glob('*.csv')))}.csv"
+        frame = predict(predict_cfg(tmp_path, checkpoint, image_path, f"out={out}", *overrides))
+        return frame[[f"prob_{c}" for c in CLASSES]].to_numpy()[0]
+
+    np.testing.assert_allclose(probs_of(), (logits / TEMPERATURE).softmax(1)[0], atol=1e-5)
+    np.testing.assert_allclose(probs_of("calibrated=false"), logits.softmax(1)[0], atol=1e-5)
+    with torch.no_grad():
+        views = [loaded.model.predict_proba(view) for view in dihedral_views(image, 2)]
+    np.testing.assert_allclose(probs_of("tta=true", "tta_views=2"), torch.stack(views).mean(0)[0], atol=1e-5)
+
+
+def test_an_existing_output_file_is_never_replaced(tmp_path: Path, checkpoint: Path, mixed_folder: Path) -> None:
+    out = tmp_path / "mine.csv"
+    out.write_text("precious\n")
+    with pytest.raises(ConfigError, match="already exists"):
+        predict(predict_cfg(tmp_path, checkpoint, mixed_folder, f"out={out}"))
+    assert out.read_text() == "precious\n"
+
+
+def test_missing_input_is_a_one_line_data_error(tmp_path: Path, checkpoint: Path) -> None:
+    with pytest.raises(DataError, match="no such file or folder"):
+        predict(predict_cfg(tmp_path, checkpoint, tmp_path / "nowhere"))
+
+
+def test_cli_writes_predictions_into_a_new_run_folder(tmp_path: Path, checkpoint: Path, mixed_folder: Path) -> None:
+    args = [f"ckpt_path={checkpoint}", f"input={mixed_folder}", "device=cpu"]
+    result = run_cli(tmp_path, "skinlesion.predict", *args, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (csv,) = (tmp_path / "outputs" / "predict" / "runs").glob("*/predictions.csv")
+    assert len(pd.read_csv(csv)) == 5
+    assert "notes.txt" in result.stdout  # the terminal summary names the unreadable file
