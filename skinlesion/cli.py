@@ -3,7 +3,8 @@
 Each ``python -m skinlesion.<tool>`` is a thin Hydra ``main`` over a plain function; this module turns
 a :class:`SkinLesionError` into ``error: <message>`` and exit code 2 instead of a traceback, and in a
 multirun turns any failure of one job into a NaN result so the other jobs go on (the job has already
-recorded its error in its own run folder).
+recorded its error in its own run folder); the command still exits with status 1 at the end, after the
+sweep's report is written, so scripts and CI see that a job failed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,17 @@ from skinlesion.errors import ConfigError, SkinLesionError
 
 log = logging.getLogger(__name__)
 EXIT_USAGE = 2
+EXIT_JOBS_FAILED = 1
+# Run folder -> error of each multirun job that failed in this process or that the sweep report found;
+# launch() turns a non-empty record into exit status 1 once Hydra is done (report written).
+FAILED_JOBS: dict[str, str] = {}
+
+
+class _DropAdverts(logging.Filter):
+    """Lightning prints a cloud-logging advert at every fit; it is not about the user's run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
 
 
 def check_group_choices(argv: Sequence[str], config_dir: Path = CONFIG_DIR) -> None:
@@ -50,28 +62,50 @@ def fail(message: str) -> None:
 
 def launch(hydra_main: Callable[[], Any], argv: Sequence[str] | None = None) -> None:
     """Console-script body: validate group choices, then hand over to Hydra."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
     try:
         check_group_choices(sys.argv[1:] if argv is None else argv)
     except ConfigError as err:
         fail(str(err))
+    FAILED_JOBS.clear()
     hydra_main()
+    if FAILED_JOBS:
+        for run, error in FAILED_JOBS.items():
+            print(f"failed: {run}: {error}", file=sys.stderr)
+        print(f"error: {len(FAILED_JOBS)} job(s) of the multirun failed (listed above)", file=sys.stderr)
+        raise SystemExit(EXIT_JOBS_FAILED)
 
 
 def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def record_failed_job(run_dir: str | Path, error: str) -> None:
+    FAILED_JOBS[str(Path(run_dir).resolve())] = error
+
+
+def user_error(err: BaseException) -> SkinLesionError | None:
+    """The SkinLesionError behind ``err``, also when Hydra's instantiate or Lightning wrapped it."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, SkinLesionError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run ``task(cfg)`` inside a Hydra job with the project's error conventions."""
     try:
         return task(cfg)
-    except SkinLesionError as err:
+    except Exception as err:
+        problem = user_error(err)
         if is_multirun():
-            log.error("job failed: %s", err)
+            log.error("job failed: %s", problem or err, exc_info=problem is None)
+            cause = problem or err
+            record_failed_job(HydraConfig.get().runtime.output_dir, f"{type(cause).__name__}: {cause}")
             return math.nan
-        fail(str(err))
-    except Exception:
-        if is_multirun():
-            log.exception("job failed")
-            return math.nan
-        raise
+        if problem is None:
+            raise
+        fail(str(problem))

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from sklearn.metrics import auc, roc_curve
 
 
 def save_figure(fig: plt.Figure, path: Path) -> None:
@@ -82,4 +83,44 @@ def plot_confusion_grid(matrices: Mapping[str, np.ndarray], classes: Sequence[st
     for ax, (name, counts) in zip(axes[0], matrices.items(), strict=True):
         with np.errstate(invalid="ignore", divide="ignore"):
             _matrix(ax, np.nan_to_num(counts / counts.sum(axis=1, keepdims=True)), classes, name, ".2f")
+    save_figure(fig, path)
+
+
+def plot_metric_bars(means: pd.DataFrame, stds: pd.DataFrame, path: Path, title: str = "") -> None:
+    """Grouped bars: one group per row of ``means`` (a backbone), one bar per column (a metric), ±std."""
+    n_rows, n_metrics = means.shape
+    width = 0.8 / max(n_metrics, 1)
+    x = np.arange(n_rows)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * n_rows * max(1, n_metrics / 4)), 4.5))
+    for k, metric in enumerate(means.columns):
+        has_std = metric in stds and stds[metric].notna().any()  # several seeds
+        errors = stds[metric].fillna(0).to_numpy() if has_std else None
+        ax.bar(x + (k - (n_metrics - 1) / 2) * width, means[metric], width, yerr=errors, capsize=3, label=metric)
+    ax.set_xticks(x, [str(i) for i in means.index], rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(ncols=min(n_metrics, 5), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    save_figure(fig, path)
+
+
+def plot_roc_grid(predictions: Mapping[str, tuple[np.ndarray, np.ndarray]], classes: Sequence[str], path: Path) -> None:
+    """One-vs-rest ROC curves of every class, one panel per entry of ``{name: (labels, probs)}``."""
+    n = len(predictions)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 4.5), squeeze=False)
+    for ax, (name, (labels, probs)) in zip(axes[0], predictions.items(), strict=True):
+        for k, cls in enumerate(classes):
+            positives = labels == k
+            if positives.all() or not positives.any():  # undefined without both positives and negatives
+                continue
+            fpr, tpr, _ = roc_curve(positives, probs[:, k])
+            ax.plot(fpr, tpr, linewidth=1.2, label=f"{cls} {auc(fpr, tpr):.3f}")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title(name)
+        ax.legend(title="AUC", fontsize=7, loc="lower right")
     save_figure(fig, path)

@@ -51,11 +51,11 @@ def write_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
     (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def resume_run_dir(argv: Sequence[str], outputs: Path, task: str = "train") -> list[str]:
+def resume_run_dir(argv: Sequence[str], outputs: Path) -> list[str]:
     """Extra overrides so that ``ckpt_path=...`` resumes inside the run folder that wrote the checkpoint.
 
     ``ckpt_path=PATH`` inside ``<run>/checkpoints/`` resumes in ``<run>``; ``ckpt_path=last`` without a
-    ``hydra.run.dir`` picks the most recent run under ``outputs/<task>/runs`` that has a ``last.ckpt``.
+    ``hydra.run.dir`` picks the most recently written ``last.ckpt`` of any run under ``outputs/<task>/runs``.
     """
     args = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith(("+", "~")))
     if "ckpt_path" not in args or "hydra.run.dir" in args or "-m" in argv or "--multirun" in argv:
@@ -64,9 +64,7 @@ def resume_run_dir(argv: Sequence[str], outputs: Path, task: str = "train") -> l
     if value in ("", "null"):
         return []
     if value == "last":
-        candidates = sorted(
-            (outputs / task / RUNS_DIR).glob(f"*/{CHECKPOINT_DIR}/last.ckpt"), key=lambda p: p.stat().st_mtime
-        )
+        candidates = sorted(outputs.glob(f"*/{RUNS_DIR}/*/{CHECKPOINT_DIR}/last.ckpt"), key=lambda p: p.stat().st_mtime)
         return [f"hydra.run.dir={candidates[-1].parent.parent}"] if candidates else []
     path = Path(value).expanduser()
     if path.parent.name == CHECKPOINT_DIR and (path.parent.parent / CONFIG_FILE).is_file():

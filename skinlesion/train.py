@@ -19,16 +19,20 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from skinlesion import cli
 from skinlesion.artifacts import write_split_artifacts
-from skinlesion.calibration import expected_calibration_error, fit_temperature, plot_reliability
+from skinlesion.calibration import fit_temperature, write_calibration
 from skinlesion.callbacks.history import TrainingHistory
 from skinlesion.checkpoints import check_backbone, read_checkpoint
 from skinlesion.data.datamodule import SkinLesionDataModule
+from skinlesion.data.layouts import load_records
 from skinlesion.errors import ConfigError
+from skinlesion.gradcam import check_method, write_validation_gallery
 from skinlesion.models.backbone import count_parameters
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.runs import CHECKPOINT_DIR, METRICS_FILE, read_json, resume_run_dir, write_json, write_resolved_config
@@ -38,9 +42,25 @@ log = logging.getLogger(__name__)
 BEST_CHECKPOINT = "best.ckpt"
 
 
-def _instantiate_section(section: DictConfig | None) -> list[Any]:
-    """Every ``_target_`` entry of a dict-of-configs section (callbacks, loggers); others are skipped."""
-    return [instantiate(c) for c in (section or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+def _instantiate_section(section: DictConfig | None, group: str) -> list[Any]:
+    """Every ``_target_`` entry of a dict-of-configs section (callbacks, loggers); others are skipped.
+
+    An entry whose optional package is missing (``logger=mlflow`` without mlflow) fails in one line.
+    """
+    objects = []
+    for name, entry in (section or {}).items():
+        if not (isinstance(entry, DictConfig) and "_target_" in entry):
+            continue
+        try:
+            objects.append(instantiate(entry))
+        except InstantiationException as err:
+            if not isinstance(err.__cause__, ModuleNotFoundError):
+                raise
+            raise ConfigError(
+                f"{group}.{name} ({entry._target_}) needs a package that is not installed ({err.__cause__}); "
+                f"install it (pip install -e '.[loggers]' has the optional loggers) or choose another {group}"
+            ) from err
+    return objects
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -58,11 +78,12 @@ def _record_failure(run_dir: Path, cfg: DictConfig, err: BaseException) -> None:
     target = run_dir / METRICS_FILE
     if target.is_file() and read_json(target).get("status") == "completed":
         target = run_dir / "failure.json"
+    cause = cli.user_error(err) or err  # the ConfigError, not Hydra's InstantiationException around it
     write_json(
         target,
         {
             "status": "failed",
-            "error": f"{type(err).__name__}: {err}",
+            "error": f"{type(cause).__name__}: {cause}",
             "traceback": traceback.format_exc(limit=20),
             "backbone": cfg.model.name,
             "seed": cfg.seed,
@@ -71,28 +92,49 @@ def _record_failure(run_dir: Path, cfg: DictConfig, err: BaseException) -> None:
     )
 
 
+def _check_distributed_launch(trainer: L.Trainer) -> None:
+    """Lightning starts DDP ranks by re-running the command line, which in a local multirun is the whole sweep."""
+    if (
+        trainer.world_size > 1
+        and cli.is_multirun()
+        and not trainer.strategy.cluster_environment.creates_processes_externally
+    ):
+        raise ConfigError(
+            "trainer=ddp with several devices cannot run inside a local multirun (Lightning re-runs the command "
+            "line for each rank, which would restart the whole sweep); train the backbones one command at a time, "
+            "or sweep on a cluster with hydra/launcher=submitit_slurm, where SLURM starts the ranks"
+        )
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit, pick the best checkpoint, calibrate, test; return the summary written to ``metrics.json``."""
     run_dir = Path(cfg.paths.output_dir)
     try:
         return _train(cfg, run_dir)
     except Exception as err:
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        if rank_zero_only.rank == 0:  # set from RANK / LOCAL_RANK / SLURM_PROCID by Lightning
             _record_failure(run_dir, cfg, err)
         raise
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
     write_resolved_config(cfg, run_dir)
+    ckpt_path = _resume_path(cfg, run_dir)  # a missing, corrupt or foreign checkpoint fails before any work
+    if cfg.data.get("synthetic") is None:  # a missing dataset fails here, before any model is built
+        load_records(cfg.data.root, cfg.data.layout, cfg.data.subset)
+    if cfg.gallery.enabled:
+        check_method(cfg.gallery.method, "gallery.method")  # now, not after hours of training
     L.seed_everything(cfg.seed, workers=True)
     module: SkinLesionClassifier = instantiate(cfg.module)
     datamodule: SkinLesionDataModule = instantiate(
         cfg.data, preprocessing=module.preprocessing, output_dir=str(run_dir)
     )
-    callbacks = [*_instantiate_section(cfg.callbacks), instantiate(cfg.finetune)]
-    loggers = _instantiate_section(cfg.logger)
+    finetune = instantiate(cfg.finetune)
+    callbacks = [*_instantiate_section(cfg.callbacks, "callbacks"), finetune]
+    loggers = _instantiate_section(cfg.logger, "logger")
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    ckpt_path = _resume_path(cfg, run_dir)
+    finetune.check(module, trainer.max_epochs)  # before fit, where the image cache may take minutes to build
+    _check_distributed_launch(trainer)
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -102,15 +144,16 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-    trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-    metrics, calibration = _calibrate(cfg, module, run_dir, trainer.is_global_zero)
+    losses = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    calibration = _calibrate(cfg, module)
     if datamodule.has_test:
-        trainer.test(module, datamodule=datamodule, verbose=False)
+        losses |= trainer.test(module, datamodule=datamodule, verbose=False)[0]
     best_checkpoint = run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
     trainer.save_checkpoint(best_checkpoint, weights_only=True)  # best weights + temperature
     if not trainer.is_global_zero:
         return {}
 
+    metrics = {k: v for k, v in losses.items() if k.endswith("/loss")}  # the training loss on the best weights
     for split in ("val", "test"):
         metrics |= _split_artifacts(module, datamodule, run_dir, split)
     total, trainable = count_parameters(module.backbone)
@@ -137,9 +180,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         "last_epoch": last_epoch,
     }
     write_json(run_dir / METRICS_FILE, summary)
-    if cfg.gallery.enabled:
-        from skinlesion.explain import write_validation_gallery
-
+    if cfg.gallery.enabled:  # after metrics.json: a figure problem never costs the run its results
         write_validation_gallery(module, datamodule, run_dir, cfg.gallery.per_class, cfg.gallery.method)
     log.info("run folder: %s", run_dir)
     return summary
@@ -152,21 +193,12 @@ def _best_epoch(history: TrainingHistory | None, monitor: str, mode: str) -> int
     return (max if mode == "max" else min)(scores)[1]
 
 
-def _calibrate(cfg: DictConfig, module: SkinLesionClassifier, run_dir: Path, write: bool) -> tuple[dict, dict]:
-    """Fit the temperature on the validation outputs of the best weights; ECE before and after."""
+def _calibrate(cfg: DictConfig, module: SkinLesionClassifier) -> dict:
+    """Fit the temperature on the validation outputs of the best weights; best.ckpt stores it."""
     val = module.outputs["val"]
     temperature = fit_temperature(val["logits"], val["labels"]) if cfg.calibrate else 1.0
     module.temperature.fill_(temperature)
-    before = val["logits"].softmax(1)
-    after = (val["logits"] / temperature).softmax(1)
-    metrics = {
-        "val/ece_uncalibrated": expected_calibration_error(before, val["labels"]),
-        "val/ece": expected_calibration_error(after, val["labels"]),
-    }
-    if write:
-        curves = {"uncalibrated": (before, val["labels"]), f"T={temperature:.2f}": (after, val["labels"])}
-        plot_reliability(curves, run_dir / "reliability_val.png", title="validation")
-    return metrics, {"temperature": temperature, "fitted_on": "val" if cfg.calibrate else None}
+    return {"temperature": temperature, "fitted_on": "val" if cfg.calibrate else None}
 
 
 def _split_artifacts(module: SkinLesionClassifier, datamodule: SkinLesionDataModule, run_dir: Path, split: str) -> dict:
@@ -174,12 +206,31 @@ def _split_artifacts(module: SkinLesionClassifier, datamodule: SkinLesionDataMod
     if out is None:
         return {}
     records = datamodule.records.loc[out["indices"].numpy()]
-    probs = (out["logits"] / float(module.temperature)).softmax(1)
+    temperature = float(module.temperature)
+    probs = (out["logits"] / temperature).softmax(1)
     metrics = write_split_artifacts(run_dir, split, probs, out["labels"], records["image_id"], module.class_names)
-    if split == "test":
-        metrics["test/ece_uncalibrated"] = expected_calibration_error(out["logits"].softmax(1), out["labels"])
-        metrics["test/ece"] = expected_calibration_error(probs, out["labels"])
-    return metrics
+    # ECE and NLL before/after temperature scaling, and reliability_<split>.png
+    return metrics | write_calibration(run_dir, split, out["logits"], out["labels"], temperature)
+
+
+def _print_summary(summary: dict) -> None:
+    """Where everything went, and the headline numbers, for the person at the terminal."""
+    run = Path(summary["run_dir"])
+    metrics = summary["metrics"]
+    split = "test" if "test/balanced_acc" in metrics else "val"
+    headline = ", ".join(
+        f"{name} {metrics[f'{split}/{name}']:.3f}"
+        for name in ("balanced_acc", "acc", "auroc_macro")
+        if f"{split}/{name}" in metrics
+    )
+    plots = ", ".join(sorted(p.name for p in run.glob("*.png")))
+    print(
+        f"\n{summary['backbone']}: {split} {headline}\n"
+        f"  run folder   {run}\n"
+        f"  metrics      {run / METRICS_FILE}\n"
+        f"  checkpoint   {summary['best_checkpoint']}\n"
+        f"  plots        {plots}"
+    )
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -187,6 +238,8 @@ def _hydra_main(cfg: DictConfig) -> float:
     summary = cli.run_task(train, cfg)
     if not isinstance(summary, dict) or not summary:
         return float("nan") if not isinstance(summary, float) else summary
+    if not cli.is_multirun():
+        _print_summary(summary)
     return summary["metrics"].get(cfg.optimized_metric, float("nan"))
 
 

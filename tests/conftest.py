@@ -7,16 +7,21 @@ downloaded. The real HAM10000 subset is used only where present (``ham_subset`` 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from skinlesion.config import CONFIG_DIR
 from skinlesion.data.synthetic import generate
+from skinlesion.models.module import SkinLesionClassifier
+from skinlesion.train import train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 
@@ -76,6 +81,71 @@ def train_cfg(tmp_path: Path, synthetic_root: Path, cache_dir: Path) -> Callable
         return compose_config("train", tiny_train_overrides(tmp_path, synthetic_root, cache_dir) + list(overrides))
 
     return make
+
+
+# One short head-only epoch, scored on two batches: for tests about bookkeeping rather than learning.
+ONE_EPOCH = [
+    "data.batch_size=8",
+    "trainer.max_epochs=1",
+    "finetune.unfreeze_at_epoch=null",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+]
+
+
+def sweep_overrides(home: Path, data_root: Path, cache: Path) -> list[str]:
+    """The tiny training config, with each job writing its own folder and the backbone left to the sweep."""
+    fixed = ("paths.output_dir=", "model=")
+    return [o for o in tiny_train_overrides(home, data_root, cache) if not o.startswith(fixed)]
+
+
+def run_cli(home: Path, module: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python -m <module> args`` in ``home`` (also $SKINLESION_HOME), offline, output captured."""
+    env = {**os.environ, "SKINLESION_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def only_sweep(home: Path) -> Path:
+    """The one multirun folder a test's sweep wrote under ``home``."""
+    (sweep,) = (home / "outputs" / "train" / "multiruns").iterdir()
+    return sweep
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path, cache_dir: Path) -> Path:
+    """One tiny training run (a short head-only epoch), shared by the tests that need a real checkpoint."""
+    root = tmp_path_factory.mktemp("trained-run")
+    overrides = tiny_train_overrides(root, synthetic_root, cache_dir)
+    overrides += ["trainer.max_epochs=1", "finetune.unfreeze_at_epoch=null", "+trainer.limit_train_batches=3"]
+    train(compose_config("train", overrides))
+    return root / "run"
+
+
+def random_checkpoint(
+    path: Path, backbone: str, image_size: int, temperature: float = 1.0, head_std: float | None = None
+) -> Path:
+    """A checkpoint as skinlesion.train saves one, with random weights and BatchNorm statistics from one batch.
+
+    The statistics matter: with the initial ones, deep random networks produce logits of 1e8, where fp32
+    rounding alone exceeds any tolerance and every softmax is one-hot. ``head_std`` replaces the new head's
+    near-zero weights, whose probabilities are all but uniform.
+    """
+    torch.manual_seed(0)
+    spec = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / f"{backbone}.yaml"))
+    model = SkinLesionClassifier(model={**spec, "pretrained": False}, image_size=image_size)
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            layer.momentum = None  # a cumulative average: after one batch, that batch's statistics
+    with torch.no_grad():
+        model.train()(torch.randn(32, 3, image_size, image_size))
+        if head_std is not None:
+            model.backbone.get_classifier().weight.normal_(0, head_std)
+    model.temperature.fill_(temperature)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    return path
 
 
 @pytest.fixture

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO_ROOT, compose_config
 
 from skinlesion.data.check import check_data
+
+from conftest import REPO_ROOT, compose_config
 
 
 def check_cfg(root: Path, out: Path, *overrides: str):

@@ -1,0 +1,67 @@
+"""Issue 2: the entry point's bad-input paths end in one clear line and a non-zero exit code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from skinlesion.cli import check_group_choices
+from skinlesion.errors import ConfigError
+from skinlesion.runs import resume_run_dir
+
+from conftest import run_cli
+
+
+def run_train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_cli(tmp_path, "skinlesion.train", f"paths.root_dir={tmp_path}", *args, timeout=300)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_unknown_backbone_names_the_choices(tmp_path: Path) -> None:
+    result = run_train(tmp_path, "model=foo")
+    assert result.returncode == 2
+    (line,) = error_lines(result)
+    assert "unknown model 'foo'" in line
+    for name in ("densenet121", "efficientnet_b0", "inception_v3", "mobilenetv2", "resnet50"):
+        assert name in line
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_dataset_says_where_it_looked_and_how_to_proceed(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dataset"
+    result = run_train(tmp_path, f"data.root={missing}", "model.pretrained=false")
+    assert result.returncode == 2
+    (line,) = error_lines(result)
+    assert str(missing) in line
+    assert "download" in line.lower() and "data=synthetic" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_group_choice_check_accepts_sweeps_and_rejects_typos() -> None:
+    check_group_choices(["model=resnet50,densenet121", "data=synthetic", "trainer.max_epochs=3", "seed=1"])
+    check_group_choices(["model=glob(*)", "hydra/launcher=submitit_local", "+experiment=demo"])
+    with pytest.raises(ConfigError, match="unknown data 'synthtic'"):
+        check_group_choices(["data=synthtic"])
+    with pytest.raises(ConfigError, match="unknown model 'resnet5'"):
+        check_group_choices(["-m", "model=resnet50,resnet5"])
+
+
+def test_resume_continues_in_the_folder_that_wrote_the_checkpoint(tmp_path: Path) -> None:
+    outputs = tmp_path / "outputs"
+    older, newer = (outputs / task / "runs" / name for task, name in (("train", "a"), ("demo", "b")))
+    for run in (older, newer):
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "config.yaml").write_text("seed: 0\n")
+        (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    os.utime(older / "checkpoints" / "last.ckpt", (1, 1))
+    checkpoint = older / "checkpoints" / "last.ckpt"
+    assert resume_run_dir([f"ckpt_path={checkpoint}"], outputs) == [f"hydra.run.dir={older.resolve()}"]
+    assert resume_run_dir(["ckpt_path=last"], outputs) == [f"hydra.run.dir={newer}"]
+    assert resume_run_dir(["ckpt_path=last", "hydra.run.dir=/x"], outputs) == []  # an explicit folder wins
+    assert resume_run_dir(["model=resnet50"], outputs) == []
