@@ -130,7 +130,10 @@ def _check_same_split(members: list[Member], settings: dict, split: str) -> None
 # ---- predicting --------------------------------------------------------------------------------------
 def datamodule_for(settings: dict, preprocessing: Preprocessing, split: str) -> SkinLesionDataModule:
     settings = {**settings, "image_size": preprocessing.image_size}  # the model decides, not the training data config
-    datamodule = SkinLesionDataModule(**settings, preprocessing=preprocessing)
+    # An external test set is read on its own: evaluating a downloaded checkpoint on the ISIC 2018 test
+    # set must not need the data it was trained on (nor spend minutes checking and caching it).
+    external = split == "test" and bool(settings.get("test_set"))
+    datamodule = SkinLesionDataModule(**settings, preprocessing=preprocessing, test_set_only=external)
     datamodule.setup("test")
     if split not in datamodule.datasets:
         hint = "data.split.test was 0 in training; use split=val or an external set (data.test_set.root=...)"

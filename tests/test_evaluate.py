@@ -114,6 +114,11 @@ def test_external_isic2018_set_in_one_hot_format(run: Path, tmp_path: Path, synt
     again = run_evaluate(tmp_path / "b", checkpoint, "data=isic2018", f"data.root={isic}", "data.subset=Test")
     assert again["metrics"] == pytest.approx(result["metrics"], abs=1e-6)
 
+    # A checkpoint shared without its training data: the external set alone is read.
+    elsewhere = (f"data.root={tmp_path / 'training-data-not-here'}", f"data.test_set.root={isic}")
+    alone = run_evaluate(tmp_path / "c", checkpoint, *elsewhere, "data.test_set.layout=isic2018")
+    assert alone["metrics"] == pytest.approx(result["metrics"], abs=1e-6)
+
 
 def test_checkpoints_and_settings_fail_with_one_clear_message(run: Path, tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.ckpt"

@@ -88,10 +88,16 @@ class SkinLesionDataModule(L.LightningDataModule):
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         preprocessing: Preprocessing | Mapping | None = None,
         output_dir: str | None = None,
+        test_set_only: bool = False,
     ) -> None:
+        """``test_set_only``: read just ``test_set`` as the test split (evaluation of a trained model on an
+        external set, which must not need the training data on disk)."""
         super().__init__()
         # Everything but the run-specific arguments goes into checkpoints, so `evaluate` can rebuild the split.
-        self.save_hyperparameters(ignore=["preprocessing", "output_dir"])
+        self.save_hyperparameters(ignore=["preprocessing", "output_dir", "test_set_only"])
+        if test_set_only and not test_set:
+            raise ConfigError("test_set_only needs data.test_set (the external set to read)")
+        self.test_set_only = test_set_only
         for key, value in self.hparams.items():
             self.hparams[key] = to_plain(value)
         if isinstance(preprocessing, Mapping):
@@ -199,20 +205,23 @@ class SkinLesionDataModule(L.LightningDataModule):
 
     def read_records(self) -> pd.DataFrame:
         """Every usable record of the dataset and of the external test set (``source`` tells which)."""
-        if self.hparams.synthetic is not None:
-            synthetic_data.ensure_dataset(self.hparams.root, **dict(self.hparams.synthetic))
-        records = self._load_source(self.hparams.root, self.hparams.layout, self.hparams.subset, MAIN)
+        parts = []
+        if not self.test_set_only:
+            if self.hparams.synthetic is not None:
+                synthetic_data.ensure_dataset(self.hparams.root, **dict(self.hparams.synthetic))
+            parts.append(self._load_source(self.hparams.root, self.hparams.layout, self.hparams.subset, MAIN))
         if self.hparams.test_set:
             spec = {"layout": "auto", "subset": "Test", **dict(self.hparams.test_set)}
-            external = self._load_source(spec["root"], spec["layout"], spec["subset"], EXTERNAL)
-            records = pd.concat([records, external], ignore_index=True)
-        return records
+            parts.append(self._load_source(spec["root"], spec["layout"], spec["subset"], EXTERNAL))
+        return pd.concat(parts, ignore_index=True)
 
     def assign_split(self, records: pd.DataFrame) -> pd.Series:
         """train/val/test per record: the main records split leak-free, the external test set as test."""
         main = records["source"] == MAIN
         settings = self.split_settings
         split = pd.Series("test", index=records.index, name="split")
+        if not main.any():  # test_set_only: nothing to split, and no training data to check against
+            return split
         split[main] = assign_splits(
             records[main],
             settings["strategy"],
