@@ -126,8 +126,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         check_method(cfg.gallery.method, "gallery.method")  # now, not after hours of training
     L.seed_everything(cfg.seed, workers=True)
     module: SkinLesionClassifier = instantiate(cfg.module)
-    datamodule: SkinLesionDataModule = instantiate(
-        cfg.data, preprocessing=module.preprocessing, output_dir=str(run_dir)
+    datamodule: SkinLesionDataModule = instantiate(  # the image size the model resolved (timm's when null)
+        cfg.data,
+        image_size=module.preprocessing.image_size,
+        preprocessing=module.preprocessing,
+        output_dir=str(run_dir),
     )
     finetune = instantiate(cfg.finetune)
     callbacks = [*_instantiate_section(cfg.callbacks, "callbacks"), finetune]

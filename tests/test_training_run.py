@@ -22,7 +22,7 @@ from skinlesion.errors import CheckpointError, ConfigError
 from skinlesion.labels import CLASSES
 from skinlesion.train import train
 
-from conftest import compose_config, tiny_train_overrides
+from conftest import ONE_EPOCH, compose_config, tiny_train_overrides
 
 DETERMINISTIC = ["seed=3", "trainer.deterministic=true"]
 HEADLINE = ("acc", "top3_acc", "balanced_acc", "f1_macro", "auroc_macro", "loss")
@@ -188,3 +188,12 @@ def test_mlflow_logger_without_mlflow_says_what_to_install(
     cfg = config(tmp_path, synthetic_root, cache_dir, "logger=mlflow")
     assert cfg.logger.mlflow.tracking_uri == f"sqlite:///{tmp_path}/outputs/mlflow.db"
     fails_early(cfg, ConfigError, r"logger\.mlflow .*needs a package that is not installed.*mlflow", tmp_path / "run")
+
+
+def test_default_image_size_comes_from_the_backbone(tmp_path: Path, synthetic_root: Path, cache_dir: Path) -> None:
+    """data.image_size=null (the default): timm's 224 px for MobileNetV2, in the model and the data alike."""
+    cfg = config(tmp_path, synthetic_root, cache_dir, "data.image_size=null", *ONE_EPOCH)
+    summary = train(cfg)
+    assert summary["image_size"] == 224
+    checkpoint = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert checkpoint["datamodule_hyper_parameters"]["image_size"] == 224
