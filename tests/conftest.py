@@ -83,6 +83,17 @@ def train_cfg(tmp_path: Path, synthetic_root: Path, cache_dir: Path) -> Callable
     return make
 
 
+# Training from random weights, as in experiment=demo: everything trains from the first epoch, BatchNorm
+# included (there are no ImageNet statistics to keep), at one learning rate.
+FROM_SCRATCH = [
+    "optimizer=adamw",
+    "optimizer.lr=3e-3",
+    "finetune.unfreeze_at_epoch=0",
+    "finetune.num_blocks=all",
+    "finetune.backbone_lr=3e-3",
+    "finetune.bn=train",
+]
+
 # One short head-only epoch, scored on two batches: for tests about bookkeeping rather than learning.
 ONE_EPOCH = [
     "data.batch_size=8",

@@ -27,7 +27,7 @@ from skinlesion.labels import CLASSES
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.train import train
 
-from conftest import compose_config, tiny_train_overrides
+from conftest import FROM_SCRATCH, compose_config, tiny_train_overrides
 
 # The last spatial feature map of each backbone (the input of its global pooling), as timm names it.
 GRADCAM_LAYERS = {
@@ -131,7 +131,7 @@ def off_centre_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory, off_centre_root: Path, cache_dir: Path) -> Path:
+def localising_run(tmp_path_factory: pytest.TempPathFactory, off_centre_root: Path, cache_dir: Path) -> Path:
     """A small ResNet (timm's resnet10t under the resnet50 config, so its blocks and Grad-CAM layer
     ``layer4``) trained from scratch for a few epochs at 64 px (2x2 final maps), gallery on."""
     out = tmp_path_factory.mktemp("trained")
@@ -141,12 +141,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, off_centre_root: Path,
         "model.timm_name=resnet10t",
         "data.image_size=64",
         "trainer.max_epochs=5",
-        "optimizer=adamw",
-        "optimizer.lr=3e-3",
-        "finetune.unfreeze_at_epoch=0",
-        "finetune.num_blocks=all",
-        "finetune.backbone_lr=3e-3",
-        "finetune.bn=train",
+        *FROM_SCRATCH,
         "gallery.enabled=true",
         "gallery.per_class=1",
     ]
@@ -190,36 +185,36 @@ def lesion_preference(model: InferenceModel, root: Path) -> pd.Series:
     return pd.Series(hotter).groupby(pd.Series(classes)).mean()
 
 
-def test_trained_heatmaps_look_at_the_lesion(trained_run: Path, off_centre_root: Path) -> None:
+def test_trained_heatmaps_look_at_the_lesion(localising_run: Path, off_centre_root: Path) -> None:
     """Averaged over classes: nv (2/3 of the images, as in HAM10000) can be recognised partly by the
     absence of the other classes' signs, and its heatmaps then sit on plain skin more often (seen: 42% to
     94% of nv images favour the lesion, 88% to 100% for most other classes)."""
-    trained = InferenceModel.load(trained_run / "checkpoints" / "best.ckpt", "cpu")
+    trained = InferenceModel.load(localising_run / "checkpoints" / "best.ckpt", "cpu")
     share = lesion_preference(trained, off_centre_root)
     assert share.mean() >= 0.6, f"class-averaged share of heatmaps hotter on the lesion: {share.round(2).to_dict()}"
     assert (share > 0.5).sum() >= 4  # most classes
 
 
-def test_training_leaves_a_gallery_and_calibration_report(trained_run: Path) -> None:
-    table = pd.read_csv(trained_run / "gradcam" / "gallery.csv", keep_default_na=False)
+def test_training_leaves_a_gallery_and_calibration_report(localising_run: Path) -> None:
+    table = pd.read_csv(localising_run / "gradcam" / "gallery.csv", keep_default_na=False)
     assert set(table["kind"]) <= {"correct", "wrong"} and len(table) >= 7
     assert ((table["kind"] == "correct") == (table["true"] == table["pred"])).all()
     for name in set(table["true"]):
-        assert (trained_run / "gradcam" / f"gallery_{name}.png").is_file()
+        assert (localising_run / "gradcam" / f"gallery_{name}.png").is_file()
 
-    summary = json.loads((trained_run / "metrics.json").read_text())
+    summary = json.loads((localising_run / "metrics.json").read_text())
     metrics = summary["metrics"]
     for split in ("val", "test"):
-        assert (trained_run / f"reliability_{split}.png").is_file()
+        assert (localising_run / f"reliability_{split}.png").is_file()
         for name in ("ece", "ece_uncalibrated", "nll", "nll_uncalibrated"):
             assert 0.0 <= metrics[f"{split}/{name}"] < 10
     assert metrics["val/nll"] <= metrics["val/nll_uncalibrated"] + 1e-6  # fitted there: never worse
-    stored = InferenceModel.load(trained_run / "checkpoints" / "best.ckpt", "cpu").model.temperature
+    stored = InferenceModel.load(localising_run / "checkpoints" / "best.ckpt", "cpu").model.temperature
     assert float(stored) == pytest.approx(summary["calibration"]["temperature"])
 
 
-def test_explain_a_split_and_a_folder(trained_run: Path, off_centre_root: Path, tmp_path: Path) -> None:
-    checkpoint = trained_run / "checkpoints" / "best.ckpt"
+def test_explain_a_split_and_a_folder(localising_run: Path, off_centre_root: Path, tmp_path: Path) -> None:
+    checkpoint = localising_run / "checkpoints" / "best.ckpt"
     base = [f"paths.root_dir={tmp_path}", f"ckpt_path={checkpoint}", "device=cpu"]
 
     split_run = tmp_path / "split"

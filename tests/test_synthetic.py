@@ -13,7 +13,7 @@ from skinlesion.data import synthetic
 from skinlesion.labels import CLASSES
 from skinlesion.train import train
 
-from conftest import compose_config, tiny_train_overrides
+from conftest import FROM_SCRATCH, compose_config, tiny_train_overrides
 
 HAM_COLUMNS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
 
@@ -87,12 +87,7 @@ def test_a_small_model_learns_it_far_above_chance(tmp_path: Path, synthetic_root
             *tiny_train_overrides(tmp_path, synthetic_root, cache_dir),
             "data.image_size=48",
             "trainer.max_epochs=6",
-            "optimizer=adamw",
-            "optimizer.lr=3e-3",
-            "finetune.unfreeze_at_epoch=0",
-            "finetune.num_blocks=all",
-            "finetune.backbone_lr=3e-3",
-            "finetune.bn=train",
+            *FROM_SCRATCH,
         ],
     )
     metrics = train(cfg)["metrics"]
