@@ -7,7 +7,7 @@ ARGS ?=
 MODELS ?= resnet50,densenet121,mobilenetv2,efficientnet_b0,inception_v3
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast test-slow lint format train sweep evaluate report bench clean clean-cache
+.PHONY: help install demo test test-fast lint format train sweep evaluate report bench clean clean-cache
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'

@@ -39,11 +39,9 @@ def probability_metrics(probs: torch.Tensor, labels: torch.Tensor, split: str, c
 
 
 def predictions_frame(
-    image_ids: Sequence[str], labels: np.ndarray | None, probs: np.ndarray, classes: Sequence[str]
+    image_ids: Sequence[str], labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]
 ) -> pd.DataFrame:
-    frame = pd.DataFrame({"image_id": list(image_ids)})
-    if labels is not None:
-        frame["true"] = [classes[i] for i in labels]
+    frame = pd.DataFrame({"image_id": list(image_ids), "true": [classes[i] for i in labels]})
     for k, name in enumerate(classes):
         frame[f"prob_{name}"] = probs[:, k]
     frame["pred"] = [classes[i] for i in probs.argmax(axis=1)]

@@ -6,8 +6,10 @@ temperature is stored in the checkpoint (buffer ``temperature``) and applied by
 ``SkinLesionClassifier.predict_proba(..., calibrated=True)``, so `predict` and `evaluate` use it unless
 told ``calibrated=false``.
 
-ECE is torchmetrics' top-label L1 calibration error over ``n_bins`` equal-width confidence bins:
-``sum_b |B_b| / n * |accuracy(B_b) - confidence(B_b)|``.
+ECE is the top-label L1 calibration error over ``n_bins`` equal-width confidence bins,
+``sum_b |B_b| / n * |accuracy(B_b) - confidence(B_b)|``, computed from the same bins the reliability
+diagram draws (torchmetrics' version puts a confidence of exactly 1.0 in a bin of its own, so its value
+and the diagram's points would disagree for saturated predictions).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import multiclass_calibration_error
 
 from skinlesion.plots import plt, save_figure
 
@@ -25,7 +26,10 @@ N_BINS = 15
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = N_BINS) -> float:
-    return float(multiclass_calibration_error(probs, labels, num_classes=probs.shape[1], n_bins=n_bins, norm="l1"))
+    bins = reliability_bins(probs, labels, n_bins)
+    filled = bins["count"] > 0
+    weights = bins["count"][filled] / bins["count"].sum()
+    return float(np.sum(weights * np.abs(bins["accuracy"][filled] - bins["confidence"][filled])))
 
 
 def fit_temperature(

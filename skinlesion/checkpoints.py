@@ -20,8 +20,9 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:  # tensors and plain containers only: loading a checkpoint never runs code from it
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # tensors and plain containers only: loading a checkpoint never runs code from it; memory-mapped,
+        # so reading the hyper-parameters of a large resume checkpoint does not read all its tensors
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # truncated zip, pickle garbage, wrong file type, foreign objects
         if "Unsupported global" in str(err):
             raise CheckpointError(

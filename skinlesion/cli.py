@@ -84,6 +84,16 @@ def record_failed_job(run_dir: str | Path, error: str) -> None:
     FAILED_JOBS[str(Path(run_dir).resolve())] = error
 
 
+def one_line(problem: SkinLesionError) -> str:
+    """The message alone, also for an error re-raised by a DataLoader worker (torch prepends the worker's
+    traceback and ends with ``<module>.<Error>: <message>``)."""
+    text = str(problem)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def user_error(err: BaseException) -> SkinLesionError | None:
     """The SkinLesionError behind ``err``, also when Hydra's instantiate or Lightning wrapped it."""
     seen: set[int] = set()
@@ -103,9 +113,9 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         problem = user_error(err)
         if is_multirun():
             log.error("job failed: %s", problem or err, exc_info=problem is None)
-            cause = problem or err
-            record_failed_job(HydraConfig.get().runtime.output_dir, f"{type(cause).__name__}: {cause}")
+            cause = one_line(problem) if problem else str(err)
+            record_failed_job(HydraConfig.get().runtime.output_dir, f"{type(problem or err).__name__}: {cause}")
             return math.nan
         if problem is None:
             raise
-        fail(str(problem))
+        fail(one_line(problem))

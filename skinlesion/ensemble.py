@@ -12,14 +12,12 @@ from pathlib import Path
 
 from skinlesion.errors import ConfigError
 from skinlesion.report import find_runs
-from skinlesion.runs import CHECKPOINT_DIR, METRICS_FILE, read_json
-from skinlesion.train import BEST_CHECKPOINT
+from skinlesion.runs import BEST_CHECKPOINT, CHECKPOINT_DIR, METRICS_FILE, read_json, run_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def run_checkpoint(run_dir: Path) -> Path:
-    return run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
+ENSEMBLE = "ensemble"  # the averaged model's name in tables and folders; members never take it
 
 
 def sweep_checkpoints(folder: Path) -> list[Path]:
@@ -41,19 +39,24 @@ def sweep_checkpoints(folder: Path) -> list[Path]:
 
 
 def ensemble_checkpoints(spec: str | Sequence[str]) -> list[Path]:
-    """Checkpoint files of ``ensemble=``: a multirun folder, or a list of checkpoints and run folders."""
-    if isinstance(spec, str | Path):
-        path = Path(spec).expanduser()
-        return sweep_checkpoints(path) if path.is_dir() and not run_checkpoint(path).is_file() else [path]
-    paths = [Path(p).expanduser() for p in spec]
+    """Checkpoint files of ``ensemble=``: checkpoints, run folders and multirun folders, alone or in a list."""
+    paths = [Path(p).expanduser() for p in ([spec] if isinstance(spec, str | Path) else spec)]
     if not paths:
         raise ConfigError("ensemble=[] is empty; list at least one checkpoint")
-    return [run_checkpoint(p) if p.is_dir() else p for p in paths]
+    found: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            found.append(path)
+        elif run_checkpoint(path).is_file():
+            found.append(run_checkpoint(path))
+        else:
+            found.extend(sweep_checkpoints(path))
+    return found
 
 
 def member_names(paths: Sequence[Path]) -> list[str]:
     """The run folder's name for ``<run>/checkpoints/*.ckpt``, else the file name; made unique."""
     names = [p.parent.parent.name if p.parent.name == CHECKPOINT_DIR else p.stem for p in paths]
-    if len(set(names)) < len(names):
+    if len(set(names)) < len(names) or ENSEMBLE in names:
         names = [f"{i}_{name}" for i, name in enumerate(names)]
     return names

@@ -30,28 +30,19 @@ from skinlesion.calibration import expected_calibration_error, plot_reliability
 from skinlesion.config import to_plain
 from skinlesion.data.datamodule import SkinLesionDataModule
 from skinlesion.data.preprocessing import Preprocessing
-from skinlesion.ensemble import ensemble_checkpoints, member_names
+from skinlesion.ensemble import ENSEMBLE, ensemble_checkpoints, member_names
 from skinlesion.errors import CheckpointError, ConfigError, DataError
 from skinlesion.inference import InferenceModel, resolve_device
 from skinlesion.models.metrics import HEADLINE_METRICS
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.plots import plot_roc_grid
 from skinlesion.runs import METRICS_FILE, write_json, write_resolved_config
-from skinlesion.tta import VIEW_COUNTS, predict_proba_tta
+from skinlesion.tta import predict_proba_tta, tta_views
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("val", "test")
 MEMBERS_DIR = "members"
-ENSEMBLE = "ensemble"
-
-
-@dataclass
-class Member:
-    name: str
-    path: Path
-    model: SkinLesionClassifier
-    data: dict  # the DataModule settings it was trained with
 
 
 @dataclass
@@ -70,24 +61,44 @@ def _set_values(node: Any) -> Any:
     return node
 
 
+# What data=<dataset> contributes besides the images: how they are read and loaded.
+LOADER_SETTINGS = (
+    "cache",
+    "batch_size",
+    "eval_batch_size",
+    "num_workers",
+    "pin_memory",
+    "on_bad_image",
+    "max_image_pixels",
+)
+# What decides a run's val/test images: members that differ here were not scored on the same split.
+SPLIT_SETTINGS = ("layout", "subset", "split", "test_set")
+
+
 def data_settings(cfg: DictConfig, trained_with: dict) -> dict:
-    """The checkpoint's DataModule settings with ``data.*`` overrides; ``data=<dataset>`` becomes the test set."""
+    """The checkpoint's DataModule settings with ``data.*`` overrides.
+
+    ``data=<dataset>`` makes that dataset's own ``test_set`` (e.g. ``data=ham10000_isic2018_test``), or
+    else all of it, the test split, read with that config's loader settings.
+    """
     data = to_plain(cfg.data)
     settings = dict(trained_with)
-    if "_target_" in data:  # a whole dataset config was chosen: evaluate on all of it
-        settings["test_set"] = {k: data[k] for k in ("root", "layout", "subset")}
-        return settings
-    return to_plain(OmegaConf.merge(settings, _set_values(data)))
+    if "_target_" not in data:
+        return to_plain(OmegaConf.merge(settings, _set_values(data)))
+    chosen = data.get("test_set") or {k: data[k] for k in ("root", "layout", "subset")}
+    if (chosen.get("subset") or "Test") == "Training":
+        log.warning(
+            "evaluating on the Training subset of %s: if the model was trained on HAM10000, these are its own "
+            "training images (ISIC 2018's training set is HAM10000); use data.subset=Test",
+            chosen["root"],
+        )
+    return settings | {k: data[k] for k in LOADER_SETTINGS if k in data} | {"test_set": chosen}
 
 
 def _check_settings(cfg: DictConfig) -> int:
     if cfg.split not in SPLITS:
         raise ConfigError(f"split={cfg.split} is not valid; choose one of {', '.join(SPLITS)}")
-    views = int(cfg.tta_views) if cfg.tta else 1
-    if views not in VIEW_COUNTS:
-        raise ConfigError(
-            f"tta_views={cfg.tta_views} is not valid; choose one of {', '.join(map(str, VIEW_COUNTS[1:]))}"
-        )
+    views = tta_views(cfg.tta, cfg.tta_views)
     if "_target_" in cfg.data and cfg.split != "test":
         raise ConfigError(f"data=<dataset> is evaluated as the test split; drop split={cfg.split}")
     if cfg.ckpt_path and cfg.ensemble:
@@ -100,25 +111,25 @@ def _check_settings(cfg: DictConfig) -> int:
     return views
 
 
-def load_members(cfg: DictConfig) -> list[Member]:
+def load_members(cfg: DictConfig) -> dict[str, InferenceModel]:
+    """The checkpoint, or the ensemble's members, by name (in order)."""
     paths = [Path(cfg.ckpt_path).expanduser()] if cfg.ckpt_path else ensemble_checkpoints(to_plain(cfg.ensemble))
-    members = []
+    members = {}
     for name, path in zip(member_names(paths), paths, strict=True):
-        loaded = InferenceModel.load(path, cfg.device)
-        if not loaded.data:
+        members[name] = InferenceModel.load(path, cfg.device)
+        if not members[name].data:
             raise CheckpointError(f"{path}: has no data settings; it was not written by skinlesion.train")
-        members.append(Member(name, path, loaded.model, loaded.data))
-    classes = {m.model.class_names for m in members}
+    classes = {m.classes for m in members.values()}
     if len(classes) > 1:
         raise ConfigError(f"ensemble members predict different classes: {sorted(classes)}")
     return members
 
 
-def _check_same_split(members: list[Member], settings: dict, split: str) -> None:
+def _check_same_split(members: dict[str, InferenceModel], settings: dict, split: str) -> None:
     """Members trained on different splits would be scored on images other members trained on."""
     if split == "test" and settings.get("test_set"):  # an external set: no member trained on it
         return
-    splits = {m.name: m.data.get("split") for m in members}
+    splits = {name: {k: m.data.get(k) for k in SPLIT_SETTINGS} for name, m in members.items()}
     if len({repr(s) for s in splits.values()}) > 1:
         detail = "; ".join(f"{name}: {split}" for name, split in splits.items())
         raise ConfigError(
@@ -163,26 +174,26 @@ def predict(
 
 
 def predict_members(
-    members: list[Member], settings: dict, split: str, device: torch.device, views: int, calibrated: bool
+    members: dict[str, InferenceModel], settings: dict, split: str, device: torch.device, views: int, calibrated: bool
 ) -> tuple[dict[str, Predictions], pd.DataFrame]:
     """Each member's predictions on the same records; one DataModule per distinct preprocessing."""
     datamodules: dict[Preprocessing, SkinLesionDataModule] = {}
     results = {}
-    for member in members:
+    for name, member in members.items():
         pre = member.model.preprocessing
         if pre not in datamodules:
             datamodules[pre] = datamodule_for(settings, pre, split)
-        results[member.name] = predict(member.model, datamodules[pre], split, device, views, calibrated)
-        log.info("%s: %d %s images", member.name, len(results[member.name].indices), split)
+        results[name] = predict(member.model, datamodules[pre], split, device, views, calibrated)
+        log.info("%s: %d %s images", name, len(results[name].indices), split)
     records = next(iter(datamodules.values())).records
-    first = next(iter(results.values()))
-    for (name, result), member in zip(results.items(), members, strict=True):
-        theirs = datamodules[member.model.preprocessing].records
+    first_name, first = next(iter(results.items()))
+    for name, result in results.items():
+        theirs = datamodules[members[name].model.preprocessing].records
         same_images = list(theirs.loc[result.indices.numpy(), "image_id"]) == list(
             records.loc[first.indices.numpy(), "image_id"]
         )
         if not (same_images and torch.equal(result.labels, first.labels)):
-            raise DataError(f"ensemble member {name} saw other {split} images than {members[0].name}")
+            raise DataError(f"ensemble member {name} saw other {split} images than {first_name}")
     return results, records
 
 
@@ -218,15 +229,16 @@ def evaluate(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     write_resolved_config(cfg, out_dir)
     members = load_members(cfg)
-    settings = data_settings(cfg, members[0].data)
+    first = next(iter(members.values()))
+    settings = data_settings(cfg, first.data)
     split = cfg.split
     _check_same_split(members, settings, split)
     results, records = predict_members(members, settings, split, resolve_device(cfg.device), views, cfg.calibrated)
     if len(members) > 1:
-        first = next(iter(results.values()))
+        reference = next(iter(results.values()))  # every member scored the same records, in the same order
         average = torch.stack([r.probs for r in results.values()]).mean(dim=0)
-        results = {ENSEMBLE: Predictions(average, first.labels, first.indices), **results}
-    scores = _write_scores(out_dir, split, results, records, members[0].model.class_names)
+        results = {ENSEMBLE: Predictions(average, reference.labels, reference.indices), **results}
+    scores = _write_scores(out_dir, split, results, records, first.classes)
 
     external = settings.get("test_set") if split == "test" else None
     summary = {
@@ -241,14 +253,14 @@ def evaluate(cfg: DictConfig) -> dict:
         "ensemble": len(members) > 1,
         "metrics": next(iter(scores.values())),  # the ensemble's, or the single model's
         "members": {
-            m.name: {
+            name: {
                 "checkpoint": str(m.path),
                 "backbone": m.model.spec.name,
                 "image_size": m.model.preprocessing.image_size,
                 "temperature": float(m.model.temperature),
-                "metrics": scores[m.name],
+                "metrics": scores[name],
             }
-            for m in members
+            for name, m in members.items()
         },
     }
     write_json(out_dir / METRICS_FILE, summary)

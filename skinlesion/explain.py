@@ -6,9 +6,9 @@
 With ``images`` (a file or folder): one figure per image in ``<run>/images/`` (original with its true
 label when the checkpoint's dataset knows the image, heatmap overlay, top-3 probabilities). Without:
 per true class of the split, the most confident correct and wrong predictions side by side
-(``gallery_<class>.png``) plus a figure per shown image. Either way ``explanations.csv`` lists every
-image with its prediction. Heatmaps come from :mod:`skinlesion.gradcam`. :func:`explain` is the plain
-function; ``main`` is the thin Hydra wrapper.
+(``gallery_<class>.png``) plus a figure per shown image. Either way ``explanations.csv`` lists the
+images explained (for a split, those the galleries show) with their predictions. Heatmaps come from
+:mod:`skinlesion.gradcam`. :func:`explain` is the plain function; ``main`` is the thin Hydra wrapper.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from skinlesion import cli
 from skinlesion.data.images import ImageReadError
 from skinlesion.errors import CheckpointError, ConfigError
-from skinlesion.evaluate import datamodule_for
+from skinlesion.evaluate import SPLITS, datamodule_for
 from skinlesion.evaluate import predict as predict_split
 from skinlesion.gradcam import (
     Explanation,
@@ -39,7 +39,6 @@ from skinlesion.runs import write_json
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("val", "test")
 TABLE_FILE = "explanations.csv"
 USAGE = "python -m skinlesion.explain ckpt_path=<run>/checkpoints/best.ckpt [images=FILE_OR_DIR | split=val]"
 
@@ -65,7 +64,7 @@ def explain_images(
                 done[path] = {"path": str(path), "error": str(err)}
         readable = [path for path in chunk if path in originals]
         if readable:
-            inputs = torch.stack([loaded.to_input(originals[path]) for path in readable])
+            inputs = torch.stack([loaded.load_input(path) for path in readable])
             probs = loaded.predict_proba(inputs, calibrated=calibrated).numpy()
             cams = compute_cams(loaded.model, inputs, method, targets=probs.argmax(1).tolist())
             for path, p, cam in zip(readable, probs, cams, strict=True):

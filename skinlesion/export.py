@@ -34,7 +34,7 @@ import torch
 from omegaconf import DictConfig
 
 from skinlesion import cli
-from skinlesion.errors import ConfigError
+from skinlesion.errors import ConfigError, SkinLesionError
 from skinlesion.inference import InferenceModel, required_path
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.runs import write_json
@@ -47,7 +47,7 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 USAGE = "python -m skinlesion.export ckpt_path=<run>/checkpoints/best.ckpt [out=model.onnx]"
 
 
-class ParityError(RuntimeError):
+class ParityError(SkinLesionError):
     """The exported model does not reproduce the PyTorch model's outputs."""
 
 
@@ -121,8 +121,12 @@ def describe(loaded: InferenceModel, onnx_file: Path, exporter: str, opset: int,
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW RGB"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(model.class_names)], "dtype": "float32"},
         "preprocessing": pre.to_dict() | {"center_crop": loaded.center_crop, "resize_size": pre.resize_size},
+        "source_size": loaded.source_size,
         "steps": [
-            "decode to RGB uint8 (grayscale repeated to 3 channels, alpha composited on white)",
+            "decode to RGB uint8 (grayscale repeated to 3 channels, alpha composited on white); a JPEG at least "
+            "twice source_size on both sides is decoded at a reduced scale (PIL Image.draft) as in training",
+            f"resize to source_size x source_size ({loaded.source_size}), area averaging when shrinking, as the "
+            "training images were before caching",
             f"resize to {resize_to}x{resize_to}, aspect ratio not kept{crop}: exactly 'transform' "
             "(albumentations.from_dict(...) rebuilds it)",
             "x = (pixel / 255 - mean) / std per channel, float32",

@@ -247,7 +247,13 @@ def write_split_gallery(
     classes, pre = model.class_names, model.preprocessing
     items = {
         row: Explanation.build(
-            record.image_id, load_rgb(record.path), cam, probs_np[row], pre, center_crop, int(labels_np[row])
+            record.image_id,
+            load_rgb(record.path, dataset.max_pixels),
+            cam,
+            probs_np[row],
+            pre,
+            center_crop,
+            int(labels_np[row]),
         )
         for row, record, cam in zip(chosen, shown.itertuples(), cams, strict=True)
     }

@@ -1,7 +1,8 @@
-"""A trained checkpoint ready for new images, read exactly as its validation images were.
+"""A trained checkpoint ready for new images, read as its validation images were.
 
 `predict`, `explain` and `export` start here, so none of them repeats a model's preprocessing: images go
-through :func:`load_rgb` (any format to RGB uint8), then the checkpoint's own eval transform (its size,
+through :func:`load_resized` (any format to RGB uint8, at the square side the DataModule decodes to
+before caching or augmenting), then the checkpoint's own eval transform (its size,
 interpolation and centre-crop setting), and the model normalises them with its own mean and std.
 """
 
@@ -18,7 +19,7 @@ import torch
 
 from skinlesion.checkpoints import classifier_from_checkpoint, read_checkpoint
 from skinlesion.data.dataset import to_chw_tensor
-from skinlesion.data.images import DEFAULT_MAX_PIXELS, load_rgb
+from skinlesion.data.images import DEFAULT_MAX_PIXELS, load_resized, load_rgb
 from skinlesion.data.layouts import load_records
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import ConfigError, DataError
@@ -27,14 +28,21 @@ from skinlesion.tta import predict_proba_tta
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N`` of a GPU that exists."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as err:
         raise ConfigError(f"device={name} is not a device; use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA GPU is available; use device=cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={name} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device={name} but no CUDA GPU is available; use device=cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device={name} but this machine has {count} GPU(s): cuda:0..cuda:{count - 1}")
     return device
 
 
@@ -84,6 +92,7 @@ class InferenceModel:
         path = Path(path).expanduser()
         checkpoint = read_checkpoint(path)
         model = classifier_from_checkpoint(checkpoint, path).to(resolve_device(device))
+        model.configure_model()  # channels_last weights on a GPU, as the inputs it will get
         return cls(model, path, dict(checkpoint.get("datamodule_hyper_parameters") or {}))
 
     @property
@@ -106,9 +115,19 @@ class InferenceModel:
         """The file as RGB uint8 HxWx3; raises ImageReadError for a file that is not a usable image."""
         return load_rgb(path, self.max_pixels)
 
-    def to_input(self, image: np.ndarray) -> torch.Tensor:
-        """uint8 CxHxW at the model's input size, as the validation loader produced it."""
-        return to_chw_tensor(self.transform(image=image)["image"])
+    @property
+    def source_size(self) -> int:
+        """The side the DataModule resizes every image to first (its cache size), as it trained."""
+        cache = self.data.get("cache") or {}
+        size = cache.get("size") if isinstance(cache, dict) else None
+        return int(size or self.model.preprocessing.resize_size)
+
+    def load_input(self, path: str | Path) -> torch.Tensor:
+        """uint8 CxHxW at the model's input size, decoded and resized exactly as the validation loader does
+        it; raises ImageReadError for a file that is not a usable image."""
+        pre = self.model.preprocessing
+        square = load_resized(path, self.source_size, pre.cv2_interpolation, self.max_pixels)
+        return to_chw_tensor(self.transform(image=square)["image"])
 
     def predict_proba(self, images: torch.Tensor, tta_views: int = 1, calibrated: bool = True) -> torch.Tensor:
         """Class probabilities of uint8 NCHW ``images`` (temperature-scaled unless ``calibrated=False``)."""

@@ -14,7 +14,6 @@ function; ``main`` is the thin Hydra wrapper.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import hydra
@@ -26,8 +25,8 @@ from skinlesion import cli
 from skinlesion.data.images import ImageReadError
 from skinlesion.errors import ConfigError
 from skinlesion.inference import InferenceModel, format_top_k, list_images, required_path
-from skinlesion.runs import write_json
-from skinlesion.tta import VIEW_COUNTS
+from skinlesion.runs import atomic_write, write_json
+from skinlesion.tta import tta_views
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ def predict_files(
         readable, inputs, errors = [], [], {}
         for path in paths[start : start + batch_size]:
             try:
-                inputs.append(model.to_input(model.read(path)))
+                inputs.append(model.load_input(path))
                 readable.append(path)
             except ImageReadError as err:
                 errors[path] = str(err)
@@ -83,18 +82,13 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = required_path(cfg.ckpt_path, "ckpt_path", USAGE)
     source = required_path(cfg.input, "input", USAGE)
-    views = int(cfg.tta_views) if cfg.tta else 1
-    if views not in VIEW_COUNTS:
-        raise ConfigError(f"tta_views={cfg.tta_views} is not valid; choose one of {', '.join(map(str, VIEW_COUNTS))}")
+    views = tta_views(cfg.tta, cfg.tta_views)
     target = output_path(cfg.out, run_dir)
     paths = list_images(source)
     model = InferenceModel.load(ckpt_path, cfg.device)
 
     frame = predict_files(model, paths, views, bool(cfg.calibrated), int(cfg.batch_size))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial{os.getpid()}")
-    frame.to_csv(partial, index=False)
-    os.replace(partial, target)
+    atomic_write(target, lambda tmp: frame.to_csv(tmp, index=False))
     failed = int((frame["error"] != "").sum())
     write_json(
         run_dir / "predict.json",

@@ -80,7 +80,11 @@ class Report:
 
 # ---- collecting runs ---------------------------------------------------------------------------------
 def is_training_run(run: Path) -> bool:
-    """A training run folder, finished or not (evaluation folders also hold a metrics.json)."""
+    """A training run folder, finished or not: Hydra's record names the job (check, predict and evaluate
+    folders have one too), else metrics.json its task."""
+    hydra_record = run / HYDRA_DIR / "hydra.yaml"
+    if hydra_record.is_file():
+        return OmegaConf.select(OmegaConf.load(hydra_record), "hydra.job.name") == "train"
     metrics = run / METRICS_FILE
     if metrics.is_file():
         return read_json(metrics).get("task", "train") == "train"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
+BEST_CHECKPOINT = "best.ckpt"  # best weights + fitted temperature: what evaluation and the tools load
 RUNS_DIR = "runs"
 
 
@@ -34,21 +35,34 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, data: Mapping) -> None:
-    """Atomic: written to a temporary file, then renamed over ``path``."""
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)``, then rename ``tmp`` over ``path``: a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: Mapping) -> None:
+    text = json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def run_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint that stands for a finished training run."""
+    return Path(run_dir) / CHECKPOINT_DIR / BEST_CHECKPOINT
+
+
 def write_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write(run_dir / CONFIG_FILE, lambda tmp: tmp.write_text(text))
 
 
 def resume_run_dir(argv: Sequence[str], outputs: Path) -> list[str]:

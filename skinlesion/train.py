@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -31,15 +32,22 @@ from skinlesion.callbacks.history import TrainingHistory
 from skinlesion.checkpoints import check_backbone, read_checkpoint
 from skinlesion.data.datamodule import SkinLesionDataModule
 from skinlesion.data.layouts import load_records
-from skinlesion.errors import ConfigError
+from skinlesion.errors import CheckpointError, ConfigError
 from skinlesion.gradcam import check_method, write_validation_gallery
 from skinlesion.models.backbone import count_parameters
 from skinlesion.models.module import SkinLesionClassifier
-from skinlesion.runs import CHECKPOINT_DIR, METRICS_FILE, read_json, resume_run_dir, write_json, write_resolved_config
+from skinlesion.runs import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    read_json,
+    resume_run_dir,
+    run_checkpoint,
+    write_json,
+    write_resolved_config,
+)
 
 log = logging.getLogger(__name__)
-
-BEST_CHECKPOINT = "best.ckpt"
 
 
 def _instantiate_section(section: DictConfig | None, group: str) -> list[Any]:
@@ -68,8 +76,14 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
         return None
     path = run_dir / CHECKPOINT_DIR / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no checkpoint at {path}")
-    check_backbone(read_checkpoint(path), cfg.model.name, path)
+        raise CheckpointError(f"ckpt_path={cfg.ckpt_path}: no checkpoint at {path}")
+    checkpoint = read_checkpoint(path)
+    check_backbone(checkpoint, cfg.model.name, path)
+    if "optimizer_states" not in checkpoint:
+        raise CheckpointError(
+            f"{path} holds weights only (best.ckpt is for evaluation and the tools); resume from "
+            f"{path.parent / 'last.ckpt'}"
+        )
     return str(path)
 
 
@@ -78,12 +92,13 @@ def _record_failure(run_dir: Path, cfg: DictConfig, err: BaseException) -> None:
     target = run_dir / METRICS_FILE
     if target.is_file() and read_json(target).get("status") == "completed":
         target = run_dir / "failure.json"
-    cause = cli.user_error(err) or err  # the ConfigError, not Hydra's InstantiationException around it
+    problem = cli.user_error(err)  # the ConfigError, not Hydra's InstantiationException around it
+    cause, message = (problem, cli.one_line(problem)) if problem else (err, str(err))
     write_json(
         target,
         {
             "status": "failed",
-            "error": f"{type(cause).__name__}: {cause}",
+            "error": f"{type(cause).__name__}: {message}",
             "traceback": traceback.format_exc(limit=20),
             "backbone": cfg.model.name,
             "seed": cfg.seed,
@@ -109,17 +124,20 @@ def _check_distributed_launch(trainer: L.Trainer) -> None:
 def train(cfg: DictConfig) -> dict:
     """Fit, pick the best checkpoint, calibrate, test; return the summary written to ``metrics.json``."""
     run_dir = Path(cfg.paths.output_dir)
+    resumed_folder = (run_dir / CONFIG_FILE).is_file()  # ckpt_path=... continues a run in its own folder
     try:
         return _train(cfg, run_dir)
     except Exception as err:
-        if rank_zero_only.rank == 0:  # set from RANK / LOCAL_RANK / SLURM_PROCID by Lightning
+        refused = resumed_folder and isinstance(cli.user_error(err), CheckpointError)
+        if rank_zero_only.rank == 0 and not refused:  # a refused resume leaves that run's record alone
             _record_failure(run_dir, cfg, err)
         raise
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
-    write_resolved_config(cfg, run_dir)
     ckpt_path = _resume_path(cfg, run_dir)  # a missing, corrupt or foreign checkpoint fails before any work
+    if rank_zero_only.rank == 0:
+        write_resolved_config(cfg, run_dir)
     if cfg.data.get("synthetic") is None:  # a missing dataset fails here, before any model is built
         load_records(cfg.data.root, cfg.data.layout, cfg.data.subset)
     if cfg.gallery.enabled:
@@ -151,7 +169,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     calibration = _calibrate(cfg, module)
     if datamodule.has_test:
         losses |= trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    best_checkpoint = run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
+    best_checkpoint = run_checkpoint(run_dir)
     trainer.save_checkpoint(best_checkpoint, weights_only=True)  # best weights + temperature
     if not trainer.is_global_zero:
         return {}
@@ -190,10 +208,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def _best_epoch(history: TrainingHistory | None, monitor: str, mode: str) -> int | None:
+    """The first epoch with the best score, as ModelCheckpoint keeps it (a tie does not replace it)."""
     scores = [(row[monitor], row["epoch"]) for row in (history.rows if history else []) if monitor in row]
     if not scores:
         return None
-    return (max if mode == "max" else min)(scores)[1]
+    return (max if mode == "max" else min)(scores, key=lambda score: score[0])[1]
 
 
 def _calibrate(cfg: DictConfig, module: SkinLesionClassifier) -> dict:
@@ -239,8 +258,8 @@ def _print_summary(summary: dict) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
     summary = cli.run_task(train, cfg)
-    if not isinstance(summary, dict) or not summary:
-        return float("nan") if not isinstance(summary, float) else summary
+    if not isinstance(summary, dict) or not summary:  # a failed multirun job, or a DDP rank other than 0
+        return math.nan
     if not cli.is_multirun():
         _print_summary(summary)
     return summary["metrics"].get(cfg.optimized_metric, float("nan"))

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
+from skinlesion.errors import ConfigError
 from skinlesion.models.module import SkinLesionClassifier
 
 VIEW_COUNTS = (1, 2, 4, 8)
@@ -24,6 +25,15 @@ def dihedral_views(images: torch.Tensor, views: int = 8) -> Iterator[torch.Tenso
         yield rotated
         if views in (2, 8):
             yield rotated.flip(3)
+
+
+def tta_views(tta: bool, views: int) -> int:
+    """The number of views for the ``tta``/``tta_views`` settings of evaluate and predict (1 = no TTA)."""
+    if not tta:
+        return 1
+    if int(views) not in VIEW_COUNTS[1:]:
+        raise ConfigError(f"tta_views={views} is not valid; choose one of {', '.join(map(str, VIEW_COUNTS[1:]))}")
+    return int(views)
 
 
 @torch.no_grad()

@@ -44,6 +44,14 @@ def test_ece_matches_the_formula_worked_by_hand() -> None:
     assert bins["confidence"][1] == pytest.approx(0.325) and bins["confidence"][4] == pytest.approx(0.9)
 
 
+def test_a_saturated_confidence_of_one_is_binned_like_the_diagram_draws_it() -> None:
+    # Confidences 1.0 (wrong) and 0.95 (right) share the last of 5 bins: accuracy 0.5, confidence 0.975.
+    probs = probs_with_confidence([1.0, 0.95], [0, 1])
+    labels = torch.tensor([1, 1])
+    assert expected_calibration_error(probs, labels, n_bins=5) == pytest.approx(0.475, abs=1e-6)
+    assert reliability_bins(probs, labels, n_bins=5)["count"].tolist() == [0, 0, 0, 0, 2]
+
+
 def test_ece_is_zero_when_confidence_equals_accuracy() -> None:
     # Ten predictions at confidence 0.8, eight of them right: perfectly calibrated.
     probs = probs_with_confidence([0.8] * 10, [0] * 10)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from skinlesion.cli import check_group_choices
-from skinlesion.errors import ConfigError
+from skinlesion.cli import check_group_choices, one_line
+from skinlesion.errors import ConfigError, DataError
 from skinlesion.runs import resume_run_dir
 
 from conftest import run_cli
@@ -65,3 +65,17 @@ def test_resume_continues_in_the_folder_that_wrote_the_checkpoint(tmp_path: Path
     assert resume_run_dir(["ckpt_path=last"], outputs) == [f"hydra.run.dir={newer}"]
     assert resume_run_dir(["ckpt_path=last", "hydra.run.dir=/x"], outputs) == []  # an explicit folder wins
     assert resume_run_dir(["model=resnet50"], outputs) == []
+
+
+def test_an_error_raised_in_a_dataloader_worker_prints_as_one_line() -> None:
+    from torch._utils import ExceptionWrapper
+
+    try:
+        raise DataError("/data/x.jpg: truncated file; fix or remove it")
+    except DataError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as info:
+        wrapped.reraise()  # what the main process sees: the worker's traceback inside the message
+    assert "Original Traceback" in str(info.value)
+    assert one_line(info.value) == "/data/x.jpg: truncated file; fix or remove it"
+    assert one_line(ConfigError("plain")) == "plain"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from skinlesion.data.datamodule import SkinLesionDataModule
 from skinlesion.data.splits import assign_splits, check_disjoint
 from skinlesion.data.synthetic import plan_lesions
 from skinlesion.errors import ConfigError, DataError
@@ -120,3 +122,18 @@ def test_an_external_test_set_sharing_images_or_lesions_is_refused(records: pd.D
         check_disjoint(records, external, "ISIC2018")
     external["lesion_id"] = external["image_id"]
     check_disjoint(records, external, "ISIC2018")
+
+
+@pytest.mark.parametrize(
+    ("split", "pattern"),
+    [
+        ({"num_folds": 5, "fold": 5}, r"fold=5 must be in 0\.\.4"),
+        ({"num_folds": 1, "fold": 0}, r"num_folds=1 must be at least 2"),
+        ({"val": 0.6, "test": 0.5}, r"leaves nothing to train on"),
+    ],
+)
+def test_impossible_split_settings_fail_before_any_file_is_read(tmp_path: Path, split: dict, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        SkinLesionDataModule(str(tmp_path / "not-read"), split=split)
+    with pytest.raises(ConfigError, match=r"unknown data\.augment key"):
+        SkinLesionDataModule(str(tmp_path / "not-read"), augment={"rotation": 90})

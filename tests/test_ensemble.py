@@ -88,9 +88,12 @@ def test_ensemble_of_a_multirun_folder_uses_every_completed_run(members: tuple[P
         "0_mobilenetv2_seed0",
         "1_mobilenetv2_seed1",
     ]
-    assert ensemble_checkpoints([str(sweep / "0_mobilenetv2_seed0")]) == [
-        sweep / "0_mobilenetv2_seed0" / "checkpoints" / "best.ckpt"
-    ]
+    run_checkpoint = sweep / "0_mobilenetv2_seed0" / "checkpoints" / "best.ckpt"
+    assert ensemble_checkpoints([str(sweep / "0_mobilenetv2_seed0")]) == [run_checkpoint]
+    assert ensemble_checkpoints(str(sweep / "0_mobilenetv2_seed0")) == [run_checkpoint]  # one run folder, alone
+    assert len(ensemble_checkpoints([str(sweep), str(run_checkpoint)])) == 3  # a sweep inside a list
+    # A member called "ensemble" must not take the averaged model's place.
+    assert "ensemble" not in member_names([sweep / "ensemble" / "checkpoints" / "best.ckpt", run_checkpoint])
 
     result = run_evaluate(tmp_path / "out", f"ensemble={sweep}", "split=val", "tta=true", "tta_views=2")
     assert sorted(result["members"]) == ["0_mobilenetv2_seed0", "1_mobilenetv2_seed1"]

@@ -13,8 +13,9 @@ import onnxruntime
 import pytest
 import torch
 
-from skinlesion.data.images import load_rgb
+from skinlesion.data.images import load_resized
 from skinlesion.data.layouts import load_records
+from skinlesion.data.preprocessing import CV2_INTERPOLATION
 from skinlesion.errors import ConfigError
 from skinlesion.export import export
 from skinlesion.inference import InferenceModel
@@ -60,11 +61,13 @@ def test_onnx_matches_pytorch_for_any_batch_size(tmp_path: Path, backbone: str, 
     paths = load_records(synthetic_root)["path"].head(5).tolist()
     transform = A.from_dict(info["transform"])
     mean, std = np.array(info["preprocessing"]["mean"]), np.array(info["preprocessing"]["std"])
-    batch = np.stack([(transform(image=load_rgb(p))["image"] / 255.0 - mean) / std for p in paths])
+    interpolation = CV2_INTERPOLATION[info["preprocessing"]["interpolation"]]
+    sources = [load_resized(p, info["source_size"], interpolation) for p in paths]  # the documented first steps
+    batch = np.stack([(transform(image=image)["image"] / 255.0 - mean) / std for image in sources])
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     logits = session.run(None, {info["input"]["name"]: batch.transpose(0, 3, 1, 2).astype(np.float32)})[0]
     probs = torch.from_numpy(logits / info["temperature"]).softmax(1).numpy()
-    expected = loaded.predict_proba(torch.stack([loaded.to_input(loaded.read(p)) for p in paths])).numpy()
+    expected = loaded.predict_proba(torch.stack([loaded.load_input(p) for p in paths])).numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-4)
 
 

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from skinlesion.config import CONFIG_DIR
 from skinlesion.data.dataset import to_chw_tensor
 from skinlesion.data.images import load_rgb
-from skinlesion.data.layouts import load_records
-from skinlesion.data.synthetic import GEOMETRY_FILE, METADATA_FILE, generate
+from skinlesion.data.layouts import HAM_METADATA, load_records
+from skinlesion.data.synthetic import GEOMETRY_FILE, generate
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import ConfigError
 from skinlesion.explain import explain
@@ -76,7 +76,7 @@ def test_heatmap_for_every_backbone(backbone: str, lesion_images: list[np.ndarra
     assert cams.shape == (2, size, size)
     assert cams.min() >= 0.0 and cams.max() <= 1.0
     assert all(cam.max() - cam.min() > 0.5 for cam in cams)  # not constant
-    assert not layer._forward_hooks and not layer._backward_hooks  # hooks released
+    assert not any(m._forward_hooks for m in model.modules())  # pytorch-grad-cam's hooks were released
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
     assert not model.training
 
@@ -125,7 +125,7 @@ def off_centre_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         left = CROP_OFFSETS[i % 2]
         cv2.imwrite(str(target), cv2.imread(str(source))[:, left : left + 90], [cv2.IMWRITE_JPEG_QUALITY, 95])
         geometry.loc[i, "cx"] -= left
-    shutil.copy(wide / METADATA_FILE, root / METADATA_FILE)
+    shutil.copy(wide / HAM_METADATA, root / HAM_METADATA)
     geometry.to_csv(root / GEOMETRY_FILE, index=False)
     return root
 
@@ -176,7 +176,7 @@ def lesion_preference(model: InferenceModel, root: Path) -> pd.Series:
         original = model.read(record.path)
         lesion, mirror = lesion_and_mirror_masks(geometry.loc[record.image_id], *original.shape[:2], size)
         if lesion.mean() > 0.03 and mirror.mean() > 0.03:  # lesions too large to tell apart are skipped
-            inputs.append(model.to_input(original))
+            inputs.append(model.load_input(record.path))
             masks.append((lesion, mirror))
             classes.append(record.dx)
     assert len(inputs) >= 0.8 * len(records)

@@ -10,9 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from skinlesion.data.images import load_rgb
 from skinlesion.data.layouts import load_records
-from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.inference import InferenceModel
 from skinlesion.labels import CLASSES
@@ -92,8 +90,7 @@ def test_probabilities_use_the_checkpoint_preprocessing_temperature_and_tta(
     loaded = InferenceModel.load(checkpoint, "cpu")
     pre = loaded.model.preprocessing
     assert pre.image_size == IMAGE_SIZE  # stored in the checkpoint, not the backbone's default
-    resized = eval_transform(pre)(image=load_rgb(image_path))["image"]
-    image = torch.from_numpy(resized).permute(2, 0, 1)[None]
+    image = loaded.load_input(image_path)[None]  # the validation loader's pixels: see the test below
     assert image.shape[-2:] == (IMAGE_SIZE, IMAGE_SIZE)
     logits = loaded.model(loaded.model.normalize(image)).detach()
 
@@ -129,3 +126,21 @@ def test_cli_writes_predictions_into_a_new_run_folder(tmp_path: Path, checkpoint
     (csv,) = (tmp_path / "outputs" / "predict" / "runs").glob("*/predictions.csv")
     assert len(pd.read_csv(csv)) == 5
     assert "notes.txt" in result.stdout  # the terminal summary names the unreadable file
+
+
+def test_predict_reproduces_the_probabilities_of_the_validation_loader(
+    trained_run: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    """A user's copy of a validation image gets the probabilities training logged for it."""
+    logged = pd.read_csv(trained_run / "predictions_val.csv").head(12)
+    paths = load_records(synthetic_root).set_index("image_id")["path"]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image_id in logged["image_id"]:
+        (folder / f"{image_id}.jpg").write_bytes(Path(paths[image_id]).read_bytes())
+    frame = predict(predict_cfg(tmp_path, trained_run / "checkpoints" / "best.ckpt", folder))
+    frame["image_id"] = frame["path"].map(lambda p: Path(p).stem)
+    merged = logged.merge(frame, on="image_id", suffixes=("_logged", ""))
+    assert len(merged) == len(logged)
+    for name in CLASSES:
+        np.testing.assert_allclose(merged[f"prob_{name}"], merged[f"prob_{name}_logged"], atol=1e-5)

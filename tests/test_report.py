@@ -15,7 +15,7 @@ from skinlesion import cli
 from skinlesion.artifacts import write_split_artifacts
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.labels import CLASSES
-from skinlesion.report import NOT_FINISHED, MultirunReport, main, write_report
+from skinlesion.report import NOT_FINISHED, MultirunReport, find_runs, main, write_report
 from skinlesion.runs import write_json
 
 N_IMAGES = 28
@@ -185,3 +185,16 @@ def test_multirun_callback_writes_the_report_and_flags_the_failed_jobs(sweep) ->
         assert set(cli.FAILED_JOBS) == {str(folder / "3_mobilenetv2_seed0"), str(folder / "4_efficientnet_b0_seed0")}
     finally:
         cli.FAILED_JOBS.clear()
+
+
+def test_only_training_runs_are_collected(sweep) -> None:
+    """Other tools' run folders (check, evaluate, predict) hold a Hydra record too; they are not runs."""
+    folder, runs = sweep
+    other = folder / "check_run" / ".hydra"
+    other.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"hydra": {"job": {"name": "check"}}}), other / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(["data.root=/data"]), other / "overrides.yaml")
+    training = folder / "0_resnet50_seed0" / ".hydra" / "hydra.yaml"
+    OmegaConf.save(OmegaConf.create({"hydra": {"job": {"name": "train"}}}), training)
+    names = {Path(run).name for run in find_runs(folder)}
+    assert names == {*runs, "4_efficientnet_b0_seed0"}

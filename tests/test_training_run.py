@@ -16,11 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
+from skinlesion.callbacks.history import TrainingHistory
 from skinlesion.checkpoints import load_classifier
 from skinlesion.cli import user_error
 from skinlesion.errors import CheckpointError, ConfigError
 from skinlesion.labels import CLASSES
-from skinlesion.train import train
+from skinlesion.train import _best_epoch, train
 
 from conftest import ONE_EPOCH, compose_config, tiny_train_overrides
 
@@ -138,6 +139,20 @@ def test_resume_from_last_continues_in_its_own_folder(
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
 
 
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(
+    tiny_run: tuple[dict, Path], tmp_path: Path, synthetic_root: Path, cache_dir: Path
+) -> None:
+    """best.ckpt holds weights only: resuming from it is refused before the folder is touched."""
+    _, first_run = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(first_run, run)
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.json")}
+    cfg = config(tmp_path, synthetic_root, cache_dir, f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}")
+    with pytest.raises(CheckpointError, match=r"holds weights only.*last\.ckpt"):
+        train(cfg)
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
 # ---- settings that cannot work stop before training, with a one-line message ----------------------------
 def fails_early(cfg, error: type[Exception], pattern: str, run: Path) -> None:
     with pytest.raises(Exception) as info:
@@ -197,3 +212,23 @@ def test_default_image_size_comes_from_the_backbone(tmp_path: Path, synthetic_ro
     assert summary["image_size"] == 224
     checkpoint = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
     assert checkpoint["datamodule_hyper_parameters"]["image_size"] == 224
+
+
+def test_best_epoch_is_the_first_of_tied_scores() -> None:
+    history = TrainingHistory("unused")
+    history.rows = [{"epoch": e, "val/balanced_acc": s} for e, s in enumerate([0.5, 0.7, 0.7, 0.6])]
+    assert _best_epoch(history, "val/balanced_acc", "max") == 1
+    history.rows = [{"epoch": e, "val/loss": s} for e, s in enumerate([0.9, 0.4, 0.4])]
+    assert _best_epoch(history, "val/loss", "min") == 1
+
+
+def test_history_leaves_val_columns_empty_in_epochs_without_validation(
+    tmp_path: Path, synthetic_root: Path, cache_dir: Path
+) -> None:
+    cfg = config(
+        tmp_path, synthetic_root, cache_dir, *ONE_EPOCH, "trainer.max_epochs=2", "+trainer.check_val_every_n_epoch=2"
+    )
+    summary = train(cfg)
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert history["val/balanced_acc"].isna().tolist() == [True, False]
+    assert summary["best_epoch"] == 1

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from skinlesion.bench.training import build_classifier
 from skinlesion.callbacks.finetune import TwoStageFinetuning
 from skinlesion.callbacks.history import TrainingHistory
+from skinlesion.inference import resolve_device
 from skinlesion.models.module import SkinLesionClassifier
 
 
@@ -72,6 +73,7 @@ def _elapsed(start: tuple[float, float]) -> tuple[float, float]:
 def plain_loop(args: argparse.Namespace, loader: DataLoader, device: torch.device, amp: bool) -> tuple[float, float]:
     """(wall, CPU) seconds for the steps after the warm-up, in a loop with nothing but the training step."""
     module = _model(args).to(device).train()
+    module.configure_model()  # the same weight layout (channels_last on a GPU) as the Trainer gives it
     optimizer = module.configure_optimizers()
     start = _clock()
     for step, batch in enumerate(loader):
@@ -182,4 +184,4 @@ def main(argv: list[str]) -> dict:
     args = _parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    return run(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return run(args, resolve_device("auto"))

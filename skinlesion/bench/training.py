@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from skinlesion.config import CONFIG_DIR
+from skinlesion.inference import resolve_device
 from skinlesion.models.module import SkinLesionClassifier
 
 BACKBONES = ("resnet50", "densenet121", "mobilenetv2", "efficientnet_b0", "inception_v3")
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def main(argv: list[str]) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     args = _parse(argv, device.type == "cuda")
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,8 @@
 """Per-epoch history (``history.csv``), training curves, and the run's training time and throughput.
 
-The history is rewritten after every validation epoch, so a run that crashes or is stopped still leaves
-its curves up to that point.
+The history is rewritten after every training epoch, so a run that crashes or is stopped still leaves
+its curves up to that point. ``val/*`` columns are filled only in epochs that validated
+(``trainer.check_val_every_n_epoch``), never with an earlier epoch's values.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pandas as pd
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
+from skinlesion.models.backbone import count_parameters
 from skinlesion.plots import plot_training_curves
 
 HISTORY_FILE = "history.csv"
@@ -30,6 +32,7 @@ class TrainingHistory(Callback):
         self._epoch_images = 0
         self._val_start = 0.0
         self._epoch_val_s = 0.0
+        self._validated = False  # did validation run in this training epoch
         self._restore = True
 
     @property
@@ -40,6 +43,7 @@ class TrainingHistory(Callback):
         self._epoch_start = time.perf_counter()
         self._epoch_images = 0
         self._epoch_val_s = 0.0
+        self._validated = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._epoch_images += len(batch["label"])
@@ -50,6 +54,7 @@ class TrainingHistory(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._epoch_val_s += time.perf_counter() - self._val_start
+            self._validated = True
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning validates inside the training epoch, before this hook: its time is not training time.
@@ -64,8 +69,10 @@ class TrainingHistory(Callback):
         row["images_per_s"] = round(self._epoch_images * trainer.world_size / max(elapsed, 1e-9), 1)
         for group in trainer.optimizers[0].param_groups:
             row[f"lr/{group.get('name', 'group')}"] = group["lr"]
-        row["trainable_params"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
-        row |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))}
+        row["trainable_params"] = count_parameters(pl_module)[1]
+        # Lightning keeps the last validation's values in callback_metrics until the next one.
+        splits = ("train/", "val/") if self._validated else ("train/",)
+        row |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(splits)}
         self.rows.append(row)
         if trainer.is_global_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)

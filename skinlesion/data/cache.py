@@ -21,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from skinlesion.config import available_cpus
 from skinlesion.data.images import DEFAULT_MAX_PIXELS, ImageReadError, load_resized
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def open_or_build_cache(
     start = time.perf_counter()
     log.info("building the decoded-image cache: %d images at %d px into %s", len(paths), size, cache_dir)
     try:
-        bad = _decode_all(paths, tmp_data, shape, interpolation, max_pixels, threads or os.cpu_count() or 1)
+        bad = _decode_all(paths, tmp_data, shape, interpolation, max_pixels, threads or available_cpus())
         os.replace(tmp_data, data_path)
     finally:
         tmp_data.unlink(missing_ok=True)

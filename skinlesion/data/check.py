@@ -15,13 +15,14 @@ import logging
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from skinlesion import cli
 from skinlesion.data.checks import BAD_COLUMNS, problem_counts, write_csv
-from skinlesion.data.datamodule import SkinLesionDataModule
+from skinlesion.data.datamodule import BAD_FILE, SkinLesionDataModule
 from skinlesion.data.splits import SPLITS
 from skinlesion.errors import DataError
 from skinlesion.labels import CLASSES
@@ -30,7 +31,6 @@ from skinlesion.runs import write_json
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "check.json"
-BAD_FILE = "bad_images.csv"
 EXIT_PROBLEMS = 1
 
 
@@ -112,8 +112,12 @@ def format_summary(summary: dict, bad_list: Path | None = None) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="check")
 def _hydra_main(cfg: DictConfig) -> None:
     summary = cli.run_task(check_data, cfg)
-    if summary["problems"]:
-        raise SystemExit(EXIT_PROBLEMS)
+    if not isinstance(summary, dict) or not summary["problems"]:
+        return  # a failed job of a multirun (NaN) is recorded by cli.run_task
+    if cli.is_multirun():  # the other datasets of the sweep are still checked
+        cli.record_failed_job(HydraConfig.get().runtime.output_dir, f"{len(summary['problems'])} data problem(s) found")
+        return
+    raise SystemExit(EXIT_PROBLEMS)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from skinlesion.data.images import DEFAULT_MAX_PIXELS, check_image_file
+from skinlesion.runs import atomic_write
 from skinlesion.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,4 @@ def check_policy(on_bad_image: str) -> None:
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
-    """Written under a temporary name and renamed: a crash never leaves a half-written list."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))

@@ -10,7 +10,6 @@ input size and interpolation; normalisation happens on the device.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from skinlesion.config import to_plain
+from skinlesion.config import available_cpus, to_plain
 from skinlesion.data import synthetic as synthetic_data
 from skinlesion.data.cache import ImageCache, open_or_build_cache
 from skinlesion.data.checks import apply_bad_image_policy, check_policy, find_bad_images, write_csv
@@ -31,8 +30,8 @@ from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.images import DEFAULT_MAX_PIXELS
 from skinlesion.data.layouts import load_records
 from skinlesion.data.preprocessing import Preprocessing
-from skinlesion.data.splits import assign_splits, check_disjoint, resolve_fractions
-from skinlesion.data.transforms import eval_transform, train_transform
+from skinlesion.data.splits import assign_splits, check_disjoint, check_split_settings
+from skinlesion.data.transforms import check_augment, eval_transform, train_transform
 from skinlesion.errors import ConfigError
 from skinlesion.labels import CLASSES, NUM_CLASSES
 
@@ -123,8 +122,11 @@ class SkinLesionDataModule(L.LightningDataModule):
         # later version changes the defaults.
         split = dict(strategy="lesion_grouped", val=None, test=None, seed=42, num_folds=None, fold=None)
         split.update(dict(self.hparams.split or {}))
-        split["val"], split["test"] = resolve_fractions(split["strategy"], split["val"], split["test"])
+        split["val"], split["test"] = check_split_settings(
+            split["strategy"], split["val"], split["test"], split["num_folds"], split["fold"]
+        )
         self.hparams.split = split
+        check_augment(self.hparams.augment)
         if self.hparams.test_set is not None and "root" not in self.hparams.test_set:
             raise ConfigError("data.test_set needs a root (the folder of the external test set)")
         if self.hparams.balanced_sampler and self.hparams.class_weights != "none":
@@ -158,7 +160,7 @@ class SkinLesionDataModule(L.LightningDataModule):
     def num_workers(self) -> int:
         if self.hparams.num_workers is not None:
             return int(self.hparams.num_workers)
-        return min(8, os.cpu_count() or 1)
+        return min(8, available_cpus())
 
     def _require_preprocessing(self) -> Preprocessing:
         if self.preprocessing is None:
@@ -247,14 +249,15 @@ class SkinLesionDataModule(L.LightningDataModule):
         self._load()
 
     def setup(self, stage: str | None = None) -> None:
+        if self.datasets:  # fit, validate and test each call setup; the datasets do not depend on the stage
+            return
         self._load()
         pre = self._require_preprocessing()
         transforms = {"train": train_transform(pre, self.hparams.augment)}
         plain = eval_transform(pre, self.hparams.center_crop)
+        frames = {name: self.split_records(name) for name in ("train", "val", "test")}
         self.datasets = {
-            name: self._dataset(self.split_records(name), transforms.get(name, plain))
-            for name in ("train", "val", "test")
-            if not self.split_records(name).empty
+            name: self._dataset(frame, transforms.get(name, plain)) for name, frame in frames.items() if not frame.empty
         }
         self._write_run_files()
 

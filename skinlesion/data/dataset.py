@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from skinlesion.data.cache import ImageCache
-from skinlesion.data.images import DEFAULT_MAX_PIXELS, ImageReadError, load_resized, load_rgb
+from skinlesion.data.images import DEFAULT_MAX_PIXELS, ImageReadError, load_resized
 from skinlesion.errors import DataError
 
 
@@ -42,6 +42,8 @@ class LesionDataset(Dataset):
     ) -> None:
         if cache is not None and cache_rows is None:
             raise ValueError("cache_rows are needed with a cache")
+        if cache is None and size is None:
+            raise ValueError("size (the cached side length) is needed without a cache")
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -55,16 +57,17 @@ class LesionDataset(Dataset):
         return len(self.paths)
 
     def load(self, i: int) -> np.ndarray:
-        """The image before augmentation: the cached copy, or the file decoded and resized as the cache
-        would (``size``; as decoded when None), so both paths feed augmentation the same pixels."""
+        """The image before augmentation: the cached copy, or the file decoded and resized to ``size`` as
+        the cache would, so both paths feed augmentation the same pixels."""
         if self.cache is not None:
             return self.cache[self.cache_rows[i]]  # read-only view of the memory map; transforms copy
         try:
-            if self.size:
-                return load_resized(self.paths[i], self.size, self.interpolation, self.max_pixels)
-            return load_rgb(self.paths[i], self.max_pixels)
+            return load_resized(self.paths[i], self.size, self.interpolation, self.max_pixels)
         except ImageReadError as err:
-            raise DataError(f"{self.paths[i]}: {err}; fix or remove it, or set data.on_bad_image=skip") from err
+            raise DataError(
+                f"{self.paths[i]}: {err}; fix or remove it, or train with data.cache.enabled=true (every image "
+                "is then decoded before training, and data.on_bad_image=skip can drop the bad ones)"
+            ) from err
 
     def _seed_transform(self) -> None:
         worker = get_worker_info()

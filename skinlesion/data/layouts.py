@@ -124,7 +124,7 @@ def _check_ids(frame: pd.DataFrame, path: Path, id_column: str, root: Path) -> N
         )
 
 
-def _attach_paths(frame: pd.DataFrame, root: Path, image_root: Path) -> pd.DataFrame:
+def _attach_paths(frame: pd.DataFrame, image_root: Path) -> pd.DataFrame:
     images = index_images(image_root)
     frame["path"] = [str(images[i]) if i in images else str(image_root / f"{i}.jpg") for i in frame["image_id"]]
     return frame
@@ -160,7 +160,7 @@ def load_ham10000(root: Path) -> pd.DataFrame:
             "source_row": frame.index + 2,
         }
     )
-    return _attach_paths(records, root, root)[RECORD_COLUMNS]
+    return _attach_paths(records, root)[RECORD_COLUMNS]
 
 
 def load_isic2018(root: Path, subset: str = "Training") -> pd.DataFrame:
@@ -210,4 +210,4 @@ def load_isic2018(root: Path, subset: str = "Training") -> pd.DataFrame:
             "source_row": frame.index + 2,
         }
     )
-    return _attach_paths(records, root, images)[RECORD_COLUMNS]
+    return _attach_paths(records, images)[RECORD_COLUMNS]

@@ -64,6 +64,26 @@ def resolve_fractions(strategy: str, val: float | None, test: float | None) -> t
     return (default_val if val is None else float(val)), (default_test if test is None else float(test))
 
 
+def check_split_settings(
+    strategy: str, val: float | None, test: float | None, num_folds: int | None, fold: int | None
+) -> tuple[float, float]:
+    """The (val, test) fractions, or a ConfigError for settings no data could satisfy."""
+    val, test = resolve_fractions(strategy, val, test)
+    if num_folds is not None:
+        if int(num_folds) < 2:
+            raise ConfigError(f"data.split.num_folds={num_folds} must be at least 2")
+        if fold is None or not 0 <= int(fold) < int(num_folds):
+            raise ConfigError(f"data.split.fold={fold} must be in 0..{int(num_folds) - 1} for num_folds={num_folds}")
+    else:
+        if fold is not None:
+            raise ConfigError(f"data.split.fold={fold} needs data.split.num_folds (k-fold cross-validation)")
+        if val + test >= 1:
+            raise ConfigError(f"data.split.val + data.split.test = {val + test:g} leaves nothing to train on")
+    if test < 0:
+        raise ConfigError(f"data.split.test={test} must be 0 (no test split) or a fraction between 0 and 1")
+    return val, test
+
+
 def assign_splits(
     records: pd.DataFrame,
     strategy: str = "lesion_grouped",
@@ -78,19 +98,7 @@ def assign_splits(
     ``test=0`` makes no test split (the caller may bring an external one). With ``num_folds`` the
     non-test records are cut into that many folds and fold ``fold`` is the validation split.
     """
-    val, test = resolve_fractions(strategy, val, test)
-    if num_folds is not None:
-        if int(num_folds) < 2:
-            raise ConfigError(f"data.split.num_folds={num_folds} must be at least 2")
-        if fold is None or not 0 <= int(fold) < int(num_folds):
-            raise ConfigError(f"data.split.fold={fold} must be in 0..{int(num_folds) - 1} for num_folds={num_folds}")
-    else:
-        if fold is not None:
-            raise ConfigError(f"data.split.fold={fold} needs data.split.num_folds (k-fold cross-validation)")
-        if val + test >= 1:
-            raise ConfigError(f"data.split.val + data.split.test = {val + test:g} leaves nothing to train on")
-    if test < 0:
-        raise ConfigError(f"data.split.test={test} must be 0 (no test split) or a fraction between 0 and 1")
+    val, test = check_split_settings(strategy, val, test, num_folds, fold)
 
     order = records.sort_values("image_id", kind="stable").index  # row order must not change the split
     ordered = records.loc[order]

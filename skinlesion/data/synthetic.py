@@ -23,11 +23,11 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from skinlesion.data.layouts import HAM_METADATA
 from skinlesion.labels import CLASSES
 
 log = logging.getLogger(__name__)
 
-METADATA_FILE = "HAM10000_metadata.csv"
 GEOMETRY_FILE = "lesion_geometry.csv"
 PART_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2")
 FIRST_IMAGE_NUMBER = 24306  # HAM10000's first ISIC id
@@ -276,8 +276,8 @@ def generate(
 ) -> Path:
     """Write the dataset into ``out`` (created; must not already hold a dataset) and return it."""
     out = Path(out)
-    if (out / METADATA_FILE).exists():
-        raise FileExistsError(f"{out / METADATA_FILE} already exists; choose an empty folder")
+    if (out / HAM_METADATA).exists():
+        raise FileExistsError(f"{out / HAM_METADATA} already exists; choose an empty folder")
     plan = plan_lesions(n_images, seed, min_lesions_per_class)
     tmp = out.with_name(out.name + ".partial")
     for part in PART_DIRS:
@@ -302,7 +302,7 @@ def generate(
         geometries = list(pool.map(write, range(len(jobs))))
 
     rows = [_metadata_row(lesion, image_id) for lesion, _, image_id in jobs]
-    pd.DataFrame(rows).to_csv(tmp / METADATA_FILE, index=False)
+    pd.DataFrame(rows).to_csv(tmp / HAM_METADATA, index=False)
     geometry = pd.DataFrame(geometries, columns=["cx", "cy", "rx", "ry"]).round(1)
     geometry.insert(0, "image_id", [image_id for _, _, image_id in jobs])
     geometry.to_csv(tmp / GEOMETRY_FILE, index=False)
@@ -317,7 +317,7 @@ def generate(
 def ensure_dataset(root: str | Path, **params) -> Path:
     """Generate the dataset at ``root`` unless it is already there (first use of ``data=synthetic``)."""
     root = Path(root)
-    if (root / METADATA_FILE).is_file():
+    if (root / HAM_METADATA).is_file():
         return root
     partial = root.with_name(root.name + ".partial")
     if partial.exists():  # left by an interrupted run

@@ -126,14 +126,18 @@ class RandomColorJitter(A.ImageOnlyTransform):
         return ("brightness", "contrast", "saturation", "hue")
 
 
-def train_transform(pre: Preprocessing, augment: Mapping | None) -> A.Compose:
-    """The original project's rotation/zoom/shift/brightness plus flips and colour jitter; 0/false = off."""
-    aug = dict(augment or {})
-    unknown = set(aug) - AUGMENT_KEYS
+def check_augment(augment: Mapping | None) -> None:
+    unknown = set(augment or {}) - AUGMENT_KEYS
     if unknown:
         raise ConfigError(
             f"unknown data.augment key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(AUGMENT_KEYS))}"
         )
+
+
+def train_transform(pre: Preprocessing, augment: Mapping | None) -> A.Compose:
+    """The original project's rotation/zoom/shift/brightness plus flips and colour jitter; 0/false = off."""
+    check_augment(augment)
+    aug = dict(augment or {})
     geometry = {k: float(aug.get(k) or 0) for k in ("rotate", "zoom", "shift")}
     flips = {k: bool(aug.get(k)) for k in ("hflip", "vflip")}
     if any(geometry.values()) or any(flips.values()):

@@ -21,7 +21,8 @@ HEADLINE_METRICS = ("acc", "top3_acc", "balanced_acc", "f1_macro", "auroc_macro"
 
 
 def classification_metrics(split: str, classes=CLASSES, full: bool = True) -> MetricCollection:
-    """Metrics fed with probabilities; ``full=False`` keeps the cheap ones (for the training split).
+    """Metrics fed with probabilities; ``full=False`` keeps the cheap top-1 ones (for the training split,
+    which feeds logits: their argmax is the probabilities').
 
     The training metrics skip torchmetrics' input checks, which read values back from the GPU and so
     would stall every training step; evaluation keeps them.
