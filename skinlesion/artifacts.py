@@ -15,27 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import classification_report, confusion_matrix
-from torchmetrics import Metric
 
-from skinlesion.models.metrics import classification_metrics
+from skinlesion.models.metrics import probability_metrics
 from skinlesion.plots import plot_confusion_matrix
-
-
-def _not_distributed() -> bool:
-    return False
-
-
-def probability_metrics(probs: torch.Tensor, labels: torch.Tensor, split: str, classes: Sequence[str]) -> dict:
-    """``split/name`` metrics of probabilities against labels, plus ``split/nll``."""
-    metrics = classification_metrics(split, classes)
-    for metric in metrics.modules():  # the tensors already hold the whole split: no sync with other DDP ranks
-        if isinstance(metric, Metric):
-            metric.distributed_available_fn = _not_distributed
-    metrics.update(probs, labels)
-    values = {k: float(v) for k, v in metrics.compute().items()}
-    picked = probs.gather(1, labels[:, None]).clamp_min(1e-12)
-    values[f"{split}/nll"] = float(-picked.log().mean())
-    return values
 
 
 def predictions_frame(

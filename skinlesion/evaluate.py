@@ -28,15 +28,16 @@ from skinlesion import cli
 from skinlesion.artifacts import write_split_artifacts
 from skinlesion.calibration import expected_calibration_error, plot_reliability
 from skinlesion.config import to_plain
-from skinlesion.data.datamodule import SkinLesionDataModule
+from skinlesion.data.datamodule import SPLIT_FILE, SkinLesionDataModule
 from skinlesion.data.preprocessing import Preprocessing
+from skinlesion.data.splits import check_disjoint
 from skinlesion.ensemble import ENSEMBLE, ensemble_checkpoints, member_names
 from skinlesion.errors import CheckpointError, ConfigError, DataError
 from skinlesion.inference import InferenceModel, resolve_device
 from skinlesion.models.metrics import HEADLINE_METRICS
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.plots import plot_roc_grid
-from skinlesion.runs import METRICS_FILE, write_json, write_resolved_config
+from skinlesion.runs import CHECKPOINT_DIR, METRICS_FILE, write_json, write_resolved_config
 from skinlesion.tta import predict_proba_tta, tta_views
 
 log = logging.getLogger(__name__)
@@ -173,19 +174,33 @@ def predict(
     return Predictions(torch.cat(probs)[order], torch.cat(labels)[order], indices_t[order])
 
 
+def check_external_unseen(members: dict[str, InferenceModel], external: pd.DataFrame, source: str) -> None:
+    """An external test set must hold no image or lesion a member learned from (its run's split.csv says which)."""
+    for name, member in members.items():
+        split_file = member.path.parent.parent / SPLIT_FILE
+        if member.path.parent.name != CHECKPOINT_DIR or not split_file.is_file():
+            log.warning("%s: no %s beside the checkpoint; overlap with its training data not checked", name, SPLIT_FILE)
+            continue
+        seen = pd.read_csv(split_file, dtype={"image_id": str, "lesion_id": str})
+        check_disjoint(seen[seen["split"] != "test"], external, f"{source} (against {split_file})")
+
+
 def predict_members(
     members: dict[str, InferenceModel], settings: dict, split: str, device: torch.device, views: int, calibrated: bool
 ) -> tuple[dict[str, Predictions], pd.DataFrame]:
     """Each member's predictions on the same records; one DataModule per distinct preprocessing."""
     datamodules: dict[Preprocessing, SkinLesionDataModule] = {}
-    results = {}
-    for name, member in members.items():
+    for member in members.values():
         pre = member.model.preprocessing
         if pre not in datamodules:
             datamodules[pre] = datamodule_for(settings, pre, split)
-        results[name] = predict(member.model, datamodules[pre], split, device, views, calibrated)
-        log.info("%s: %d %s images", name, len(results[name].indices), split)
     records = next(iter(datamodules.values())).records
+    if split == "test" and settings.get("test_set"):  # checked before minutes of predicting
+        check_external_unseen(members, records, str(settings["test_set"]["root"]))
+    results = {}
+    for name, member in members.items():
+        results[name] = predict(member.model, datamodules[member.model.preprocessing], split, device, views, calibrated)
+        log.info("%s: %d %s images", name, len(results[name].indices), split)
     first_name, first = next(iter(results.items()))
     for name, result in results.items():
         theirs = datamodules[members[name].model.preprocessing].records

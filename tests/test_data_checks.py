@@ -144,6 +144,24 @@ def test_a_file_that_passes_the_cheap_check_but_fails_to_decode_is_caught_by_the
     assert dm.records["cache_row"].is_unique  # every kept record points at its own decoded image
 
 
+def test_skip_reports_each_bad_file_once_when_the_cache_finds_more(
+    spoiled_root, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    root, kinds = spoiled_root
+    truncated = next(i for i, kind in kinds.items() if kind == "truncated file")
+    real_check = checks.check_image_file
+    monkeypatch.setattr(  # the cheap check misses the truncated file; only decoding it finds out
+        checks, "check_image_file", lambda path, max_pixels: None if truncated in path else real_check(path, max_pixels)
+    )
+    dm = datamodule(root, tmp_path, cache={"enabled": True, "dir": str(tmp_path / "cache")}, on_bad_image="skip")
+    dm.setup()
+    warnings = [r.getMessage() for r in caplog.records if "Skipping them" in r.getMessage()]
+    assert len(warnings) == 2
+    assert "3 of 420 listed images are unusable" in warnings[0] and truncated not in warnings[0]
+    assert "1 of 417 listed images are unusable (truncated file: 1)" in warnings[1]
+    assert set(dm.skipped["image_id"]) == set(kinds) and len(dm.records) == 416
+
+
 def test_an_error_stops_before_any_decoding(spoiled_root, tmp_path: Path) -> None:
     root, _ = spoiled_root
     with pytest.raises(DataError):

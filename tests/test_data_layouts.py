@@ -65,18 +65,30 @@ def write_isic(root: Path, subset: str, labels: dict[str, str], columns: list[st
         ).to_csv(root / f"{stem}_LesionGroupings.csv", index=False)
 
 
-ISIC_LABELS = {"ISIC_0024306": "nv", "ISIC_0024307": "mel", "ISIC_0024308": "vasc", "ISIC_0024309": "akiec"}
+ISIC_LABELS = {
+    "ISIC_0024306": "nv",
+    "ISIC_0024307": "mel",
+    "ISIC_0024308": "vasc",
+    "ISIC_0024309": "akiec",
+    "ISIC_0024310": "mel",
+}
 
 
 def test_isic2018_one_hot_columns_are_mapped_by_name_not_position(tmp_path: Path) -> None:
     shuffled = ["image", "VASC", "DF", "NV", "MEL", "AKIEC", "BKL", "BCC"]  # not the official order
-    groups = {"ISIC_0024306": "HAM_0000550", "ISIC_0024307": "HAM_0000550", "ISIC_0024308": "HAM_0000118"}
+    groups = {"ISIC_0024307": "HAM_0000550", "ISIC_0024310": "HAM_0000550", "ISIC_0024308": "HAM_0000118"}
     write_isic(tmp_path, "Training", ISIC_LABELS, shuffled, groups)
     records = load_records(tmp_path)  # layout detected from the _Input folder
     assert dict(zip(records["image_id"], records["dx"])) == ISIC_LABELS
     assert records["label"].tolist() == [CLASS_TO_INDEX[d] for d in ISIC_LABELS.values()]
     # Lesion groupings where the CSV lists the image; an image it does not list is its own lesion.
-    assert records["lesion_id"].tolist() == ["HAM_0000550", "HAM_0000550", "HAM_0000118", "ISIC_0024309"]
+    assert records["lesion_id"].tolist() == [
+        "ISIC_0024306",
+        "HAM_0000550",
+        "HAM_0000118",
+        "ISIC_0024309",
+        "HAM_0000550",
+    ]
 
 
 def test_isic2018_subsets_and_missing_groupings(tmp_path: Path) -> None:
@@ -115,6 +127,10 @@ def _isic_truth(text: str):
         (_ham([("HAM_1", "../../etc/passwd", "nv")]), r"line 2: image_id '../../etc/passwd' would resolve outside"),
         (_ham([("HAM_1", "/etc/passwd", "nv")]), r"would resolve outside the data root"),
         (_ham([("", "ISIC_0000001", "nv")]), r"line 2: empty lesion_id"),
+        (
+            _ham([*HAM_ROWS[:2], ("HAM_0000001", "ISIC_0000005", "mel")]),
+            r"lesion_id 'HAM_0000001' is listed with different diagnoses \(line 2 nv, line 3 nv, line 4 mel\)",
+        ),
         (_ham([]), r"HAM10000_metadata.csv: the dataset is empty \(no image is listed\)"),
         (lambda root: (root / "HAM10000_metadata.csv").write_bytes(b""), r"cannot be read as CSV"),
         (_isic_truth("image,MEL,NV,BCC,AKIEC,BKL,DF\nISIC_1,1,0,0,0,0,0\n"), r"missing required column\(s\) VASC"),
@@ -129,6 +145,7 @@ def _isic_truth(text: str):
         "id-escapes-root",
         "absolute-id",
         "empty-lesion-id",
+        "lesion-two-dx",
         "empty-dataset",
         "empty-csv",
         "isic-missing-column",

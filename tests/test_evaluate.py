@@ -13,7 +13,7 @@ import torch
 
 from skinlesion.checkpoints import load_classifier
 from skinlesion.data.layouts import load_records
-from skinlesion.errors import CheckpointError, ConfigError
+from skinlesion.errors import CheckpointError, ConfigError, DataError
 from skinlesion.evaluate import evaluate
 from skinlesion.labels import CLASSES, ISIC_COLUMNS
 from skinlesion.tta import predict_proba_tta
@@ -81,12 +81,12 @@ def test_tta_changes_probabilities_but_not_shapes(run: Path, tmp_path: Path) -> 
     assert torch.allclose(rotated, predict_proba_tta(model, images, views=8), atol=1e-5)  # D4-invariant
 
 
-def make_isic_test_set(root: Path, source: Path, per_class: int = 3) -> pd.DataFrame:
+def make_isic_test_set(root: Path, source: Path, per_class: int = 3, keep_ids: bool = False) -> pd.DataFrame:
     """The ISIC 2018 Task 3 test layout: images + one-hot ground truth (columns in a non-alphabetical order)."""
     records = load_records(source).groupby("dx").head(per_class).reset_index(drop=True)
     images = root / "ISIC2018_Task3_Test_Input"
     images.mkdir(parents=True)
-    ids = [f"ISIC_{9_000_000 + i:07d}" for i in range(len(records))]
+    ids = list(records["image_id"]) if keep_ids else [f"ISIC_{9_000_000 + i:07d}" for i in range(len(records))]
     for image_id, path in zip(ids, records["path"], strict=True):
         shutil.copy(path, images / f"{image_id}.jpg")
     truth = pd.DataFrame({"image": ids})
@@ -120,6 +120,24 @@ def test_external_isic2018_set_in_one_hot_format(run: Path, tmp_path: Path, synt
     elsewhere = (f"data.root={tmp_path / 'training-data-not-here'}", f"data.test_set.root={isic}")
     alone = run_evaluate(tmp_path / "c", checkpoint, *elsewhere, "data.test_set.layout=isic2018")
     assert alone["metrics"] == pytest.approx(result["metrics"], abs=1e-6)
+
+
+def test_an_external_set_holding_training_images_is_refused(run: Path, tmp_path: Path, synthetic_root: Path) -> None:
+    isic = tmp_path / "ISIC2018"
+    make_isic_test_set(isic, synthetic_root, keep_ids=True)  # the very images the run trained on
+    checkpoint = run / "checkpoints" / "best.ckpt"
+    trained_on = pd.read_csv(run / "split.csv").query("split != 'test'")["image_id"]
+    overlap = sorted(set(trained_on) & set(pd.read_csv(next(isic.glob("*/*GroundTruth.csv")))["image"]))
+    assert overlap  # the fixture really does reuse training images
+    external = (f"data.test_set.root={isic}", "data.test_set.layout=isic2018")
+    with pytest.raises(DataError, match=rf"{len(overlap)} image_id\(s\) of the external test set are also in the"):
+        run_evaluate(tmp_path / "a", f"ckpt_path={checkpoint}", *external)
+
+    # A checkpoint shared without its run folder cannot be checked: it is evaluated, with a warning.
+    alone = tmp_path / "shared" / "model.ckpt"
+    alone.parent.mkdir()
+    shutil.copy(checkpoint, alone)
+    assert run_evaluate(tmp_path / "b", f"ckpt_path={alone}", *external)["images"] == 3 * len(CLASSES)
 
 
 def test_checkpoints_and_settings_fail_with_one_clear_message(run: Path, tmp_path: Path) -> None:

@@ -188,9 +188,9 @@ class SkinLesionDataModule(L.LightningDataModule):
             cache_rows = np.arange(len(kept))
             if cache.bad:  # files that passed the cheap check but failed to decode
                 failed = kept.iloc[sorted(cache.bad)].assign(reason=[cache.bad[i] for i in sorted(cache.bad)])
+                self._apply_policy(kept, failed[bad.columns], listing, name)  # reports only these new failures
                 bad = pd.concat([bad, failed[bad.columns]], ignore_index=True)
                 keep = ~kept["image_id"].isin(failed["image_id"]).to_numpy()
-                self._apply_policy(records, bad, listing, name)
                 kept, cache_rows = kept[keep], cache_rows[keep]
         if not bad.empty:
             self.skipped = pd.concat([self.skipped, bad.assign(dataset=name)], ignore_index=True)

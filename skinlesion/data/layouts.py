@@ -124,6 +124,20 @@ def _check_ids(frame: pd.DataFrame, path: Path, id_column: str, root: Path) -> N
         )
 
 
+def _check_one_dx_per_lesion(records: pd.DataFrame, path: Path) -> None:
+    """A lesion with two diagnoses is a labelling error, and it cannot be stratified by one class."""
+    per_lesion = records.groupby("lesion_id")["dx"].nunique()
+    conflicting = per_lesion[per_lesion > 1]
+    if conflicting.empty:
+        return
+    rows = records[records["lesion_id"] == conflicting.index[0]]
+    listed = ", ".join(f"line {row.source_row} {row.dx}" for row in rows.itertuples())
+    raise DataError(
+        f"{path}: lesion_id '{conflicting.index[0]}' is listed with different diagnoses ({listed}); "
+        f"{len(conflicting)} lesion(s) in all — give each lesion one dx or split it into separate lesion ids"
+    )
+
+
 def _attach_paths(frame: pd.DataFrame, image_root: Path) -> pd.DataFrame:
     images = index_images(image_root)
     frame["path"] = [str(images[i]) if i in images else str(image_root / f"{i}.jpg") for i in frame["image_id"]]
@@ -160,6 +174,7 @@ def load_ham10000(root: Path) -> pd.DataFrame:
             "source_row": frame.index + 2,
         }
     )
+    _check_one_dx_per_lesion(records, meta)
     return _attach_paths(records, root)[RECORD_COLUMNS]
 
 
@@ -210,4 +225,5 @@ def load_isic2018(root: Path, subset: str = "Training") -> pd.DataFrame:
             "source_row": frame.index + 2,
         }
     )
+    _check_one_dx_per_lesion(records, truth)
     return _attach_paths(records, images)[RECORD_COLUMNS]

@@ -6,7 +6,10 @@ criterion: on HAM10000 predicting ``nv`` for everything already scores 67% plain
 
 from __future__ import annotations
 
-from torchmetrics import ClasswiseWrapper, MetricCollection
+from collections.abc import Sequence
+
+import torch
+from torchmetrics import ClasswiseWrapper, Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
@@ -44,3 +47,20 @@ def classification_metrics(split: str, classes=CLASSES, full: bool = True) -> Me
             ),
         }
     return MetricCollection(metrics, prefix=f"{split}/", compute_groups=False)
+
+
+def _not_distributed() -> bool:
+    return False
+
+
+def probability_metrics(probs: torch.Tensor, labels: torch.Tensor, split: str, classes: Sequence[str]) -> dict:
+    """``split/name`` metrics of probabilities against labels, plus ``split/nll``."""
+    metrics = classification_metrics(split, classes)
+    for metric in metrics.modules():  # the tensors already hold the whole split: no sync with other DDP ranks
+        if isinstance(metric, Metric):
+            metric.distributed_available_fn = _not_distributed
+    metrics.update(probs, labels)
+    values = {k: float(v) for k, v in metrics.compute().items()}
+    picked = probs.gather(1, labels[:, None]).clamp_min(1e-12)
+    values[f"{split}/nll"] = float(-picked.log().mean())
+    return values

@@ -21,7 +21,7 @@ from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.errors import ConfigError, TrainingDivergedError
 from skinlesion.labels import CLASSES
 from skinlesion.models.backbone import BackboneSpec, create_backbone, get_module, resolve_blocks
-from skinlesion.models.metrics import classification_metrics
+from skinlesion.models.metrics import classification_metrics, probability_metrics
 from skinlesion.models.optim import param_groups
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,6 @@ class SkinLesionClassifier(L.LightningModule):
         self.register_buffer("use_class_weights", torch.tensor(False))
         self.register_buffer("temperature", torch.ones(()))  # set by calibration after training
         self.train_metrics = classification_metrics("train", self.class_names, full=False)
-        self.val_metrics = classification_metrics("val", self.class_names)
-        self.test_metrics = classification_metrics("test", self.class_names)
         self.outputs: dict[str, dict[str, torch.Tensor]] = {}  # last epoch's logits per split
         self._collected: dict[str, list] = {}
 
@@ -168,7 +166,6 @@ class SkinLesionClassifier(L.LightningModule):
         logits = self(batch["image"]).float()
         loss = self._loss(logits, batch["label"])
         self.log(f"{split}/loss", loss, on_epoch=True, batch_size=len(logits), sync_dist=self.trainer.world_size > 1)
-        getattr(self, f"{split}_metrics").update(logits.softmax(1), batch["label"])
         self._collected.setdefault(split, []).append((logits.detach(), batch["label"], batch["index"]))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -178,20 +175,21 @@ class SkinLesionClassifier(L.LightningModule):
         self._eval_step("test", batch)
 
     def _end_eval_epoch(self, split: str) -> None:
-        metrics = getattr(self, f"{split}_metrics")
-        self.log_dict(metrics.compute())
-        metrics.reset()
+        """Score the whole split once per image: DistributedSampler repeats images to even out DDP ranks, and a
+        per-rank metric synced across ranks would count those twice."""
         chunks = self._collected.pop(split, [])
         if not chunks:
             return
         logits, labels, indices = (torch.cat(parts) for parts in zip(*chunks, strict=True))
-        if self.trainer.world_size > 1:  # every rank keeps the whole split's outputs, once per image
+        if self.trainer.world_size > 1:  # every rank gets the whole split's outputs and computes the same scores
             logits, labels, indices = (self.all_gather(t).flatten(0, 1) for t in (logits, labels, indices))
             indices, first = _first_occurrences(indices)
             logits, labels = logits[first], labels[first]
         self.outputs[split] = {
             k: t.cpu().clone() for k, t in (("logits", logits), ("labels", labels), ("indices", indices))
         }
+        outputs = self.outputs[split]
+        self.log_dict(probability_metrics(outputs["logits"].softmax(1), outputs["labels"], split, self.class_names))
 
     def on_validation_epoch_end(self) -> None:
         self._end_eval_epoch("val")
