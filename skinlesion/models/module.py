@@ -164,8 +164,6 @@ class SkinLesionClassifier(L.LightningModule):
 
     def _eval_step(self, split: str, batch: dict) -> None:
         logits = self(batch["image"]).float()
-        loss = self._loss(logits, batch["label"])
-        self.log(f"{split}/loss", loss, on_epoch=True, batch_size=len(logits), sync_dist=self.trainer.world_size > 1)
         self._collected.setdefault(split, []).append((logits.detach(), batch["label"], batch["index"]))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -185,11 +183,13 @@ class SkinLesionClassifier(L.LightningModule):
             logits, labels, indices = (self.all_gather(t).flatten(0, 1) for t in (logits, labels, indices))
             indices, first = _first_occurrences(indices)
             logits, labels = logits[first], labels[first]
+        loss = self._loss(logits, labels)  # over the split, not a mean of batch means
         self.outputs[split] = {
             k: t.cpu().clone() for k, t in (("logits", logits), ("labels", labels), ("indices", indices))
         }
         outputs = self.outputs[split]
-        self.log_dict(probability_metrics(outputs["logits"].softmax(1), outputs["labels"], split, self.class_names))
+        scores = probability_metrics(outputs["logits"].softmax(1), outputs["labels"], split, self.class_names)
+        self.log_dict({f"{split}/loss": float(loss), **scores})
 
     def on_validation_epoch_end(self) -> None:
         self._end_eval_epoch("val")
