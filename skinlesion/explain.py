@@ -136,7 +136,8 @@ def explain(cfg: DictConfig) -> dict:
         "figures": sorted(str(p) for p in run_dir.rglob("*.png")),
     }
     write_json(run_dir / "explain.json", summary)
-    log.info("%d images explained with %s; figures in %s", len(table), method, run_dir)
+    explained = summary["images"] - summary["failed"]
+    log.info("%d images explained with %s; figures in %s", explained, method, run_dir)
     return summary
 
 
