@@ -1,8 +1,9 @@
 """What a finished evaluation leaves in a run folder, for training and `evaluate` alike.
 
-Per split: ``predictions_<split>.csv`` (per-class probabilities), ``confusion_matrix_<split>.csv/.png``
-(counts and row-normalised) and ``classification_report_<split>.csv/.json/.txt``. Metrics are computed
-from the probabilities with the same torchmetrics definitions the training loop logs.
+Per split: ``predictions_<split>.csv`` (image, lesion, per-class probabilities),
+``confusion_matrix_<split>.csv/.png`` (counts and row-normalised) and
+``classification_report_<split>.csv/.json/.txt``. Metrics are computed from the probabilities with the
+same torchmetrics definitions the training loop logs, plus lesion-bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import classification_report, confusion_matrix
 
+from skinlesion.bootstrap import confidence_intervals
 from skinlesion.models.metrics import probability_metrics
 from skinlesion.plots import plot_confusion_matrix
 
@@ -36,13 +38,17 @@ def write_split_artifacts(
     probs: torch.Tensor,
     labels: torch.Tensor,
     image_ids: Sequence[str],
+    lesion_ids: Sequence[str],
     classes: Sequence[str],
 ) -> dict:
-    """Write the split's predictions, confusion matrix and classification report; return its metrics."""
+    """Write the split's predictions, confusion matrix and classification report; return its metrics, with
+    lesion-bootstrap 95% intervals (``<split>/<metric>_ci_low|high``) for the top-1 ones."""
     out_dir.mkdir(parents=True, exist_ok=True)
     y_true, y_prob = labels.numpy(), probs.numpy()
     y_pred = y_prob.argmax(axis=1)
-    predictions_frame(image_ids, y_true, y_prob, classes).to_csv(out_dir / f"predictions_{split}.csv", index=False)
+    frame = predictions_frame(image_ids, y_true, y_prob, classes)
+    frame.insert(1, "lesion_id", list(lesion_ids))
+    frame.to_csv(out_dir / f"predictions_{split}.csv", index=False)
 
     ids = list(range(len(classes)))
     counts = confusion_matrix(y_true, y_pred, labels=ids)
@@ -59,4 +65,7 @@ def write_split_artifacts(
     pd.DataFrame(rows).T.rename_axis("class").to_csv(out_dir / f"classification_report_{split}.csv")
     text = classification_report(y_true, y_pred, labels=ids, target_names=list(classes), digits=4, zero_division=0)
     (out_dir / f"classification_report_{split}.txt").write_text(text)
-    return probability_metrics(probs, labels, split, classes)
+    metrics = probability_metrics(probs, labels, split, classes)
+    for name, (low, high) in confidence_intervals(y_true, y_pred, lesion_ids, len(classes)).items():
+        metrics |= {f"{split}/{name}_ci_low": low, f"{split}/{name}_ci_high": high}
+    return metrics

@@ -214,8 +214,10 @@ def predict_members(
 
 # ---- the entry point ---------------------------------------------------------------------------------
 def _write(out_dir: Path, split: str, name: str, result: Predictions, records: pd.DataFrame, classes) -> dict:
-    image_ids = records.loc[result.indices.numpy(), "image_id"]
-    metrics = write_split_artifacts(out_dir, split, result.probs, result.labels, image_ids, classes)
+    scored = records.loc[result.indices.numpy()]
+    metrics = write_split_artifacts(
+        out_dir, split, result.probs, result.labels, scored["image_id"], scored["lesion_id"], classes
+    )
     metrics[f"{split}/ece"] = expected_calibration_error(result.probs, result.labels)
     plot_reliability({name: (result.probs, result.labels)}, out_dir / f"reliability_{split}.png", title=split)
     return metrics
@@ -231,7 +233,7 @@ def _write_scores(
         scores[name] = _write(target, split, name, result, records, classes)
     curves = {name: (r.labels.numpy(), r.probs.numpy()) for name, r in results.items()}
     plot_roc_grid(curves, classes, out_dir / f"roc_{split}.png")
-    columns = (*HEADLINE_METRICS, "nll", "ece")
+    columns = (*HEADLINE_METRICS, "balanced_acc_ci_low", "balanced_acc_ci_high", "nll", "ece")
     table = pd.DataFrame([{"model": name, **{m: s.get(f"{split}/{m}") for m in columns}} for name, s in scores.items()])
     table.to_csv(out_dir / f"models_{split}.csv", index=False)
     log.info("\n%s", table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

@@ -28,6 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from skinlesion import cli
+from skinlesion.bootstrap import BOOTSTRAP_METRICS, LEVEL, N_RESAMPLES, paired_difference
 from skinlesion.errors import ConfigError, DataError, SkinLesionError
 from skinlesion.labels import CLASSES
 from skinlesion.models.metrics import HEADLINE_METRICS
@@ -40,6 +41,9 @@ DEFAULT_RANK_BY = "balanced_acc"
 HYDRA_DIR = ".hydra"
 RUNS_CSV, SUMMARY_CSV, SUMMARY_MD = "runs.csv", "summary.csv", "summary.md"
 METRICS_PNG, CONFUSION_PNG, ROC_PNG = "summary_metrics.png", "summary_confusion.png", "summary_roc.png"
+# Lesion-bootstrap intervals of a single run's score, and rank 1 minus each other configuration, paired.
+INTERVALS = tuple(f"{m}_ci_{end}" for m in BOOTSTRAP_METRICS for end in ("low", "high"))
+PAIRED = ("diff_vs_first", "diff_ci_low", "diff_ci_high", "p_first_better")
 NOT_FINISHED = "no metrics.json: the job was killed before it finished, or is still running"
 RECALLS = tuple(f"recall_{c}" for c in CLASSES)
 # Averaged over seeds; the first ones also get a ±std column.
@@ -135,7 +139,7 @@ def run_row(run: Path, root: Path, prefer: str | None = None) -> dict[str, Any]:
         "split": split,
         "image_size": data.get("image_size"),
         "params_m": data["params_total"] / 1e6 if data.get("params_total") else None,
-        **{name: metrics.get(f"{split}/{name}") for name in (*HEADLINE_METRICS, *RECALLS)},
+        **{name: metrics.get(f"{split}/{name}") for name in (*HEADLINE_METRICS, *RECALLS, *INTERVALS)},
         "val_loss": metrics.get("val/loss"),  # of the reported (best) weights
         "epochs": data.get("epochs"),
         "best_epoch": data.get("best_epoch"),
@@ -206,6 +210,8 @@ def summarize(runs: pd.DataFrame, rank_by: str = DEFAULT_RANK_BY) -> pd.DataFram
             values = pd.to_numeric(done[name], errors="coerce")
             row[name] = values.mean()
             row[f"{name}_std"] = values.std(ddof=1) if len(done) > 1 else math.nan
+        for name in INTERVALS:  # of one run's test images; several seeds have their std instead
+            row[name] = pd.to_numeric(done[name], errors="coerce").iloc[0] if len(done) == 1 else math.nan
         rows.append(row)
     summary = pd.DataFrame(rows)
     if metric not in summary:
@@ -219,6 +225,53 @@ def summarize(runs: pd.DataFrame, rank_by: str = DEFAULT_RANK_BY) -> pd.DataFram
     if "error" not in summary:
         summary["error"] = None
     return summary[[c for c in summary.columns if c != "error"] + ["error"]].reset_index(drop=True)
+
+
+def completed_runs(runs: pd.DataFrame, row: pd.Series) -> pd.DataFrame:
+    """The completed runs (seeds) behind one row of the summary."""
+    same = (runs["backbone"] == row["backbone"]) & (runs["config"] == row["config"])
+    return runs[same & (runs["status"] == "completed")]
+
+
+def _predictions(run_dir: str, split: str) -> pd.DataFrame | None:
+    path = Path(run_dir) / f"predictions_{split}.csv"
+    return pd.read_csv(path, dtype={"image_id": str, "lesion_id": str}) if path.is_file() else None
+
+
+def compare_with_first(summary: pd.DataFrame, runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Rank 1 minus each other configuration on the same images, with a paired lesion-bootstrap interval.
+
+    Only configurations of one run each are paired (several seeds are compared by their spread), and only
+    on the same split's same images; the others keep empty columns.
+    """
+    summary = summary.assign(**{name: math.nan for name in PAIRED})
+    single = summary[summary["rank"].notna() & (summary["runs"] == 1)]
+    if metric not in BOOTSTRAP_METRICS or len(single) < 2 or single["rank"].iloc[0] != 1:
+        return summary
+    first = single.iloc[0]
+    reference = _predictions(completed_runs(runs, first)["run_dir"].iloc[0], first["split"])
+    if reference is None:
+        return summary
+    classes = [c.removeprefix("prob_") for c in reference.columns if c.startswith("prob_")]
+    index = {name: i for i, name in enumerate(classes)}
+    groups = reference["lesion_id"] if "lesion_id" in reference else reference["image_id"]  # older runs: images
+    for position, row in single.iloc[1:].iterrows():
+        other = _predictions(completed_runs(runs, row)["run_dir"].iloc[0], row["split"])
+        if row["split"] != first["split"] or other is None or len(other) != len(reference):
+            continue
+        paired = reference[["image_id"]].merge(other[["image_id", "pred"]], on="image_id", how="left")
+        if paired["pred"].isna().any():  # not the same images
+            continue
+        difference = paired_difference(
+            reference["true"].map(index).to_numpy(),
+            reference["pred"].map(index).to_numpy(),
+            paired["pred"].map(index).to_numpy(),
+            groups,
+            len(classes),
+            metric,
+        )
+        summary.loc[position, list(PAIRED)] = [difference[k] for k in ("difference", "low", "high", "p_a_better")]
+    return summary
 
 
 # ---- writing -----------------------------------------------------------------------------------------
@@ -249,6 +302,41 @@ def _label(row: pd.Series) -> str:
     return f"{row['backbone']} {row['config']}".strip()
 
 
+def _interval_cell(low: float, high: float, signed: bool = False) -> str:
+    if math.isnan(low) or math.isnan(high):
+        return ""
+    return f"[{low:+.4f}, {high:+.4f}]" if signed else f"[{low:.4f}, {high:.4f}]"
+
+
+def _certainty_section(done: pd.DataFrame, metric: str, names: list[str]) -> list[str]:
+    """How far each score could move, and whether rank 1 is really ahead: lesion-bootstrap intervals."""
+    if metric not in BOOTSTRAP_METRICS or done[f"{metric}_ci_low"].isna().all():
+        return []
+    percent = f"{LEVEL:.0%}"
+    header = [*(HEADERS.get(n, n) for n in names), HEADERS.get(metric, metric), f"{percent} CI", "rank 1 minus this"]
+    header.append(f"{percent} CI")
+    lines = [
+        "## How sure is the ranking?",
+        "",
+        f"Intervals resample the split's lesions ({N_RESAMPLES:,} times; all photos of a drawn lesion come "
+        f"along). The difference is rank 1's {metric} minus this row's on the same images, resampled in "
+        "pairs; when its interval includes 0 this split cannot tell the two apart. Rows with several seeds "
+        "are compared by their standard deviation instead.",
+        "",
+        "| " + " | ".join(header) + " | P(rank 1 better) |",
+        "|" + "|".join("---" for _ in range(len(header) + 1)) + "|",
+    ]
+    for _, row in done.iterrows():
+        cells = [_cell(row, n) for n in names] + [_cell(row, metric)]
+        cells.append(_interval_cell(row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]))
+        diff = row["diff_vs_first"]
+        cells.append("" if math.isnan(diff) else f"{diff:+.4f}")
+        cells.append(_interval_cell(row["diff_ci_low"], row["diff_ci_high"], signed=True))
+        cells.append("" if math.isnan(row["p_first_better"]) else f"{row['p_first_better']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def summary_markdown(report: Report, rank_by: str) -> str:
     summary, runs = report.summary, report.runs
     done = summary[summary["status"] == "completed"]
@@ -269,7 +357,9 @@ def summary_markdown(report: Report, rank_by: str) -> str:
         names = ["rank", "backbone", *(["config"] if done["config"].str.len().any() else [])]
         columns = [*names, "image_size", "params_m", "split", *HEADLINE_METRICS, "val_loss", "epochs"]
         columns += ["train_time_s", "images_per_s", "runs"]
-        lines += [_markdown_table(done, columns, HEADERS), "", "## Recall per class", ""]
+        lines += [_markdown_table(done, columns, HEADERS), ""]
+        lines += _certainty_section(done, metric, names)
+        lines += ["## Recall per class", ""]
         recall_headers = {r: r.removeprefix("recall_") for r in RECALLS}
         lines += [_markdown_table(done, [*names, *RECALLS], recall_headers), ""]
         lines += ["## Plots", "", f"![headline metrics]({METRICS_PNG})", "", f"![confusion matrices]({CONFUSION_PNG})"]
@@ -307,11 +397,7 @@ def write_plots(report: Report, out_dir: Path) -> None:
     plot_metric_bars(means, stds, out_dir / METRICS_PNG, title=f"{report.folder.name} ({'/'.join(set(done['split']))})")
     matrices, curves = {}, {}
     for label, (_, row) in zip(labels, done.iterrows(), strict=True):
-        members = report.runs[
-            (report.runs["backbone"] == row["backbone"])
-            & (report.runs["config"] == row["config"])
-            & (report.runs["status"] == "completed")
-        ]
+        members = completed_runs(report.runs, row)
         split = members["split"].iloc[0]
         name = f"{label} ({split}, {len(members)} runs pooled)" if len(members) > 1 else f"{label} ({split})"
         if (counts := _pooled_confusion(members, split)) is not None:
@@ -330,7 +416,8 @@ def write_report(folder: Path, rank_by: str = DEFAULT_RANK_BY, out_dir: Path | N
     folder = Path(folder).expanduser().resolve()
     out_dir = Path(out_dir) if out_dir else folder
     runs = collect_runs(folder, prefer)
-    report = Report(runs=runs, summary=summarize(runs, rank_by), folder=folder)
+    summary = compare_with_first(summarize(runs, rank_by), runs, parse_rank_by(rank_by)[1])
+    report = Report(runs=runs, summary=summary, folder=folder)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs.drop(columns=["run_dir", "overrides"]).to_csv(out_dir / RUNS_CSV, index=False)
     report.summary.to_csv(out_dir / SUMMARY_CSV, index=False)

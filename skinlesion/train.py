@@ -230,9 +230,17 @@ def _split_artifacts(module: SkinLesionClassifier, datamodule: SkinLesionDataMod
     records = datamodule.records.loc[out["indices"].numpy()]
     temperature = float(module.temperature)
     probs = (out["logits"] / temperature).softmax(1)
-    metrics = write_split_artifacts(run_dir, split, probs, out["labels"], records["image_id"], module.class_names)
+    metrics = write_split_artifacts(
+        run_dir, split, probs, out["labels"], records["image_id"], records["lesion_id"], module.class_names
+    )
     # ECE and NLL before/after temperature scaling, and reliability_<split>.png
     return metrics | write_calibration(run_dir, split, out["logits"], out["labels"], temperature)
+
+
+def _score(metrics: dict, split: str, name: str) -> str:
+    text = f"{name} {metrics[f'{split}/{name}']:.3f}"
+    low, high = metrics.get(f"{split}/{name}_ci_low"), metrics.get(f"{split}/{name}_ci_high")
+    return text if low is None else f"{text} (95% CI {low:.3f}-{high:.3f})"
 
 
 def _print_summary(summary: dict) -> None:
@@ -241,9 +249,7 @@ def _print_summary(summary: dict) -> None:
     metrics = summary["metrics"]
     split = "test" if "test/balanced_acc" in metrics else "val"
     headline = ", ".join(
-        f"{name} {metrics[f'{split}/{name}']:.3f}"
-        for name in ("balanced_acc", "acc", "auroc_macro")
-        if f"{split}/{name}" in metrics
+        _score(metrics, split, name) for name in ("balanced_acc", "acc", "auroc_macro") if f"{split}/{name}" in metrics
     )
     plots = ", ".join(sorted(p.name for p in run.glob("*.png")))
     print(

@@ -15,7 +15,7 @@ from skinlesion import cli
 from skinlesion.artifacts import write_split_artifacts
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.labels import CLASSES
-from skinlesion.report import NOT_FINISHED, MultirunReport, find_runs, main, write_report
+from skinlesion.report import NOT_FINISHED, PAIRED, MultirunReport, find_runs, main, write_report
 from skinlesion.runs import write_json
 
 N_IMAGES = 28
@@ -30,6 +30,7 @@ def make_run(
     failed: str | None = None,
     with_test: bool = True,
     extra: tuple[str, ...] = (),
+    skill: float = 0.0,
 ) -> dict:
     """A run folder as train() leaves it: overrides, metrics.json and the split artifacts."""
     run = sweep / name
@@ -46,9 +47,11 @@ def make_run(
     labels = torch.arange(N_IMAGES) % len(CLASSES)
     metrics = {}
     for split in ("val", "test") if with_test else ("val",):
-        probs = torch.rand(N_IMAGES, len(CLASSES), generator=generator).softmax(1)
+        noise = torch.rand(N_IMAGES, len(CLASSES), generator=generator)
+        probs = (noise + skill * torch.nn.functional.one_hot(labels, len(CLASSES))).softmax(1)  # skill: more right
         ids = [f"{split}_{i}" for i in range(N_IMAGES)]
-        metrics |= write_split_artifacts(run, split, probs, labels, ids, CLASSES)
+        lesions = [f"{split}_lesion_{i // 2}" for i in range(N_IMAGES)]  # two photos per lesion
+        metrics |= write_split_artifacts(run, split, probs, labels, ids, lesions, CLASSES)
     metrics["val/loss"] = 1.5 + seed / 10  # of the best epoch's weights, which train() re-validates
     summary = {
         "status": "completed",
@@ -146,6 +149,37 @@ def test_rank_by_picks_the_split_and_the_direction(sweep) -> None:
         write_report(folder, rank_by="test/accuracy")
     with pytest.raises(ConfigError, match="val or test"):
         write_report(folder, rank_by="train/balanced_acc")
+
+
+def test_lesion_bootstrap_intervals_and_the_paired_comparison_with_rank_one(tmp_path: Path) -> None:
+    folder = tmp_path / "sweep"
+    strong = make_run(folder, "0_resnet50_seed0", "resnet50", 0, skill=0.6)
+    runs = {"densenet121": make_run(folder, "1_densenet121_seed0", "densenet121", 0)}
+    runs["mobilenetv2"] = make_run(folder, "2_mobilenetv2_seed0", "mobilenetv2", 0)
+    summary = write_report(folder).summary.set_index("backbone")
+    assert summary.loc["resnet50", "rank"] == 1
+    for backbone, run in {"resnet50": strong, **runs}.items():
+        score = run["metrics"]["test/balanced_acc"]
+        low, high = summary.loc[backbone, ["balanced_acc_ci_low", "balanced_acc_ci_high"]]
+        assert low < score < high
+        assert (low, high) == (run["metrics"]["test/balanced_acc_ci_low"], run["metrics"]["test/balanced_acc_ci_high"])
+    assert summary.loc["resnet50", list(PAIRED)].isna().all()  # rank 1 is the reference
+    for backbone, run in runs.items():
+        diff, low, high, p_better = summary.loc[backbone, list(PAIRED)]
+        assert diff == pytest.approx(strong["metrics"]["test/balanced_acc"] - run["metrics"]["test/balanced_acc"])
+        assert 0 < low < diff < high and p_better > 0.99  # clearly ahead, even on 28 images
+    markdown = (folder / "summary.md").read_text()
+    assert "## How sure is the ranking?" in markdown and "P(rank 1 better)" in markdown
+
+    # Runs scored on other images are not paired.
+    other = make_run(tmp_path / "other", "0_mobilenetv2_seed0", "mobilenetv2", 0)
+    assert other["metrics"]["test/balanced_acc_ci_low"] <= other["metrics"]["test/balanced_acc"]
+    predictions = folder / "1_densenet121_seed0" / "predictions_test.csv"
+    frame = pd.read_csv(predictions)
+    frame.assign(image_id=frame["image_id"] + "_elsewhere").to_csv(predictions, index=False)
+    summary = write_report(folder).summary.set_index("backbone")
+    assert summary.loc["densenet121", list(PAIRED)].isna().all()
+    assert not summary.loc["mobilenetv2", list(PAIRED)].isna().any()
 
 
 def test_runs_without_a_test_split_report_validation_and_configs_stay_apart(tmp_path: Path) -> None:

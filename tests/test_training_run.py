@@ -46,6 +46,9 @@ def test_metrics_json_holds_best_and_final_metrics(tiny_run: tuple[dict, Path]) 
     for split in ("val", "test"):
         for name in HEADLINE:
             assert f"{split}/{name}" in saved["metrics"]
+        for name in ("acc", "balanced_acc", "f1_macro"):  # lesion-bootstrap 95% intervals
+            low, high = (saved["metrics"][f"{split}/{name}_ci_{end}"] for end in ("low", "high"))
+            assert 0.0 <= low <= high <= 1.0 and high - low > 0
         for cls in CLASSES:
             assert 0.0 <= saved["metrics"][f"{split}/recall_{cls}"] <= 1.0
             assert 0.0 <= saved["metrics"][f"{split}/precision_{cls}"] <= 1.0

@@ -1,0 +1,101 @@
+"""Confidence intervals for the top-1 metrics that resample lesions, not images.
+
+HAM10000 holds several photos of many lesions, and photos of one lesion are not independent: an
+image-level bootstrap would give intervals that are too narrow. Each resample draws the split's lesions
+with replacement (every photo of a drawn lesion comes along), so the interval says how much a score
+would move on another test set of the same size. One set of resamples scores two models in a paired
+comparison, which is what decides whether one backbone is really better than another on the same images.
+
+The metrics follow torchmetrics' macro definitions (a class counts when it has a true, a predicted or
+a missed image), so the score of the full sample equals the one in ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+BOOTSTRAP_METRICS = ("acc", "balanced_acc", "f1_macro")
+N_RESAMPLES = 1000
+LEVEL = 0.95
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Resamples:
+    """How often each lesion appears in each resample: (resamples, lesions), plus each image's lesion."""
+
+    weights: np.ndarray
+    lesion_of_image: np.ndarray
+
+    @classmethod
+    def draw(cls, groups: Sequence, n_resamples: int = N_RESAMPLES, seed: int = SEED) -> Resamples:
+        _, lesion_of_image = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+        n_lesions = int(lesion_of_image.max()) + 1 if len(lesion_of_image) else 0
+        if n_lesions == 0:
+            raise ValueError("cannot bootstrap an empty split")
+        rng = np.random.default_rng(seed)
+        weights = rng.multinomial(n_lesions, np.full(n_lesions, 1.0 / n_lesions), size=n_resamples)
+        return cls(weights.astype(np.float64), lesion_of_image)
+
+    def confusions(self, labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
+        """(resamples, true, predicted) counts."""
+        per_lesion = np.zeros((self.weights.shape[1], n_classes * n_classes))
+        np.add.at(per_lesion, (self.lesion_of_image, np.asarray(labels) * n_classes + np.asarray(preds)), 1.0)
+        return (self.weights @ per_lesion).reshape(-1, n_classes, n_classes)
+
+
+def scores_from_confusions(confusions: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, balanced accuracy (mean recall) and macro F1 of each (true, predicted) count matrix."""
+    true_positives = np.diagonal(confusions, axis1=1, axis2=2)
+    support = confusions.sum(axis=2)
+    predicted = confusions.sum(axis=1)
+    counted = (support + predicted) > 0  # torchmetrics leaves out a class with no true and no predicted image
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = np.where(support > 0, true_positives / support, 0.0)
+        f1 = np.where(counted, 2 * true_positives / (support + predicted), 0.0)
+    n_counted = counted.sum(axis=1)
+    return {
+        "acc": true_positives.sum(axis=1) / confusions.sum(axis=(1, 2)),
+        "balanced_acc": (recall * counted).sum(axis=1) / n_counted,
+        "f1_macro": f1.sum(axis=1) / n_counted,
+    }
+
+
+def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def confidence_intervals(
+    labels: np.ndarray, preds: np.ndarray, groups: Sequence, n_classes: int, level: float = LEVEL, **draw
+) -> dict[str, tuple[float, float]]:
+    """Percentile interval of each metric in :data:`BOOTSTRAP_METRICS` over lesion resamples."""
+    scores = scores_from_confusions(Resamples.draw(groups, **draw).confusions(labels, preds, n_classes))
+    return {name: _interval(values, level) for name, values in scores.items()}
+
+
+def paired_difference(
+    labels: np.ndarray,
+    preds_a: np.ndarray,
+    preds_b: np.ndarray,
+    groups: Sequence,
+    n_classes: int,
+    metric: str = "balanced_acc",
+    level: float = LEVEL,
+    **draw,
+) -> dict[str, float]:
+    """Score of A minus score of B on the same images: the difference, its interval, and how often A wins."""
+    resamples = Resamples.draw(groups, **draw)
+    a = scores_from_confusions(resamples.confusions(labels, preds_a, n_classes))[metric]
+    b = scores_from_confusions(resamples.confusions(labels, preds_b, n_classes))[metric]
+    full = Resamples(np.ones((1, resamples.weights.shape[1])), resamples.lesion_of_image)
+    observed = (
+        scores_from_confusions(full.confusions(labels, preds_a, n_classes))[metric][0]
+        - scores_from_confusions(full.confusions(labels, preds_b, n_classes))[metric][0]
+    )
+    low, high = _interval(a - b, level)
+    return {"difference": float(observed), "low": low, "high": high, "p_a_better": float(np.mean(a > b))}

@@ -1,0 +1,69 @@
+"""Lesion-bootstrap intervals: same scores as torchmetrics on the full sample, wider when photos repeat a
+lesion, reproducible, and a paired comparison that sees a real improvement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from skinlesion.bootstrap import Resamples, confidence_intervals, paired_difference, scores_from_confusions
+from skinlesion.labels import CLASSES
+from skinlesion.models.metrics import probability_metrics
+
+K = len(CLASSES)
+
+
+def noisy_predictions(labels: np.ndarray, error_rate: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    wrong = rng.random(len(labels)) < error_rate
+    return np.where(wrong, rng.integers(0, K, len(labels)), labels)
+
+
+@pytest.mark.parametrize("drop_class", [None, 3])
+def test_the_full_sample_scores_like_torchmetrics(drop_class: int | None) -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, K, 300)
+    if drop_class is not None:  # a class that is predicted but never true: torchmetrics counts its recall as 0
+        labels[labels == drop_class] = 0
+    probs = torch.tensor(rng.random((300, K))).softmax(1).float()
+    preds = probs.argmax(1).numpy()
+    groups = [f"lesion_{i}" for i in range(300)]
+    full = Resamples(np.ones((1, 300)), Resamples.draw(groups, n_resamples=1).lesion_of_image)
+    ours = {k: float(v[0]) for k, v in scores_from_confusions(full.confusions(labels, preds, K)).items()}
+    theirs = probability_metrics(probs, torch.tensor(labels), "test", CLASSES)
+    assert ours == pytest.approx({k: theirs[f"test/{k}"] for k in ours}, abs=1e-6)
+
+
+def test_intervals_bracket_the_score_and_widen_when_photos_repeat_a_lesion() -> None:
+    labels = np.repeat(np.arange(K), 30)  # 210 lesions
+    preds = noisy_predictions(labels, 0.4, seed=2)
+    lesions = np.arange(len(labels))
+    alone = confidence_intervals(labels, preds, lesions, K)
+    # Four identical photos of every lesion: the same evidence, so the same interval when grouped by
+    # lesion, and a falsely narrow one when every photo counts as independent.
+    labels4, preds4 = np.repeat(labels, 4), np.repeat(preds, 4)
+    grouped = confidence_intervals(labels4, preds4, np.repeat(lesions, 4), K)
+    by_image = confidence_intervals(labels4, preds4, np.arange(len(labels4)), K)
+    for name, (low, high) in grouped.items():
+        score = scores_from_confusions(Resamples(np.ones((1, 210)), lesions).confusions(labels, preds, K))[name][0]
+        assert low < score < high
+        assert (low, high) == pytest.approx(alone[name], abs=0.02)
+        by_image_width = by_image[name][1] - by_image[name][0]
+        assert high - low > 1.6 * by_image_width  # about sqrt(4) = 2 times wider
+    assert confidence_intervals(labels4, preds4, np.repeat(lesions, 4), K) == grouped  # fixed seed
+
+
+def test_paired_difference_sees_a_real_improvement_and_none_between_equals() -> None:
+    labels = np.repeat(np.arange(K), 40)
+    weaker = noisy_predictions(labels, 0.5, seed=3)
+    stronger = weaker.copy()
+    wrong = np.flatnonzero(weaker != labels)
+    stronger[wrong[: len(wrong) // 3]] = labels[wrong[: len(wrong) // 3]]  # fix a third of the mistakes
+    groups = np.arange(len(labels)) // 2
+    better = paired_difference(labels, stronger, weaker, groups, K)
+    assert better["difference"] > 0 and better["low"] > 0 and better["p_a_better"] > 0.99
+    same = paired_difference(labels, weaker, weaker, groups, K)
+    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0, "p_a_better": 0.0}
+    with pytest.raises(ValueError, match="empty split"):
+        Resamples.draw([])
