@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from skinlesion import cli
 from skinlesion.artifacts import write_split_artifacts
+from skinlesion.bootstrap import paired_difference
 from skinlesion.calibration import expected_calibration_error, plot_reliability
 from skinlesion.config import to_plain
 from skinlesion.data.datamodule import SPLIT_FILE, SkinLesionDataModule
@@ -223,6 +224,19 @@ def _write(out_dir: Path, split: str, name: str, result: Predictions, records: p
     return metrics
 
 
+def _ensemble_gains(results: dict[str, Predictions], records: pd.DataFrame) -> pd.DataFrame:
+    """Balanced accuracy of the ensemble minus each member's on the same images, lesion-bootstrapped in pairs."""
+    ensemble = results[ENSEMBLE]
+    labels, preds = ensemble.labels.numpy(), ensemble.probs.argmax(1).numpy()
+    lesions = records.loc[ensemble.indices.numpy(), "lesion_id"]
+    rows = []
+    for name, member in results.items():
+        if name != ENSEMBLE:
+            gain = paired_difference(labels, preds, member.probs.argmax(1).numpy(), lesions, member.probs.shape[1])
+            rows.append({"model": name, **{f"ensemble_gain_{k}": v for k, v in gain.items()}})
+    return pd.DataFrame(rows)
+
+
 def _write_scores(
     out_dir: Path, split: str, results: dict[str, Predictions], records: pd.DataFrame, classes: tuple[str, ...]
 ) -> dict[str, dict]:
@@ -235,6 +249,8 @@ def _write_scores(
     plot_roc_grid(curves, classes, out_dir / f"roc_{split}.png")
     columns = (*HEADLINE_METRICS, "balanced_acc_ci_low", "balanced_acc_ci_high", "nll", "ece")
     table = pd.DataFrame([{"model": name, **{m: s.get(f"{split}/{m}") for m in columns}} for name, s in scores.items()])
+    if ENSEMBLE in results:
+        table = table.merge(_ensemble_gains(results, records), on="model", how="left")
     table.to_csv(out_dir / f"models_{split}.csv", index=False)
     log.info("\n%s", table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return scores

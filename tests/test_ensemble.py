@@ -73,6 +73,11 @@ def test_ensemble_averages_the_members_exactly(members: tuple[Path, Path], tmp_p
     table = pd.read_csv(out / "models_test.csv")
     assert list(table["model"]) == ["ensemble", *names]
     assert table.loc[0, "balanced_acc"] == pytest.approx(result["metrics"]["test/balanced_acc"])
+    for i in range(1, len(names) + 1):  # the ensemble's gain over each member, on the same images
+        gain = table.loc[i, "ensemble_gain_difference"]
+        assert gain == pytest.approx(table.loc[0, "balanced_acc"] - table.loc[i, "balanced_acc"], abs=1e-6)
+        assert table.loc[i, "ensemble_gain_low"] <= gain <= table.loc[i, "ensemble_gain_high"]
+    assert table.loc[0, ["ensemble_gain_difference", "ensemble_gain_low"]].isna().all()
     assert json.loads((out / "metrics.json").read_text())["metrics"] == pytest.approx(result["metrics"])
 
 
