@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from skinlesion import cli
 from skinlesion.artifacts import write_split_artifacts
-from skinlesion.bootstrap import paired_difference
+from skinlesion.bootstrap import Resamples, paired_difference
 from skinlesion.calibration import expected_calibration_error, plot_reliability
 from skinlesion.config import to_plain
 from skinlesion.data.datamodule import SPLIT_FILE, SkinLesionDataModule
@@ -182,7 +182,7 @@ def check_external_unseen(members: dict[str, InferenceModel], external: pd.DataF
         if member.path.parent.name != CHECKPOINT_DIR or not split_file.is_file():
             log.warning("%s: no %s beside the checkpoint; overlap with its training data not checked", name, SPLIT_FILE)
             continue
-        seen = pd.read_csv(split_file, dtype={"image_id": str, "lesion_id": str})
+        seen = pd.read_csv(split_file, dtype={"image_id": str, "lesion_id": str}, keep_default_na=False)
         check_disjoint(seen[seen["split"] != "test"], external, f"{source} (against {split_file})")
 
 
@@ -228,11 +228,11 @@ def _ensemble_gains(results: dict[str, Predictions], records: pd.DataFrame) -> p
     """Balanced accuracy of the ensemble minus each member's on the same images, lesion-bootstrapped in pairs."""
     ensemble = results[ENSEMBLE]
     labels, preds = ensemble.labels.numpy(), ensemble.probs.argmax(1).numpy()
-    lesions = records.loc[ensemble.indices.numpy(), "lesion_id"]
+    resamples = Resamples.draw(records.loc[ensemble.indices.numpy(), "lesion_id"])
     rows = []
     for name, member in results.items():
         if name != ENSEMBLE:
-            gain = paired_difference(labels, preds, member.probs.argmax(1).numpy(), lesions, member.probs.shape[1])
+            gain = paired_difference(labels, preds, member.probs.argmax(1).numpy(), resamples, member.probs.shape[1])
             rows.append({"model": name, **{f"ensemble_gain_{k}": v for k, v in gain.items()}})
     return pd.DataFrame(rows)
 

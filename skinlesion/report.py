@@ -28,7 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from skinlesion import cli
-from skinlesion.bootstrap import BOOTSTRAP_METRICS, LEVEL, N_RESAMPLES, paired_difference
+from skinlesion.bootstrap import BOOTSTRAP_METRICS, LEVEL, N_RESAMPLES, Resamples, paired_difference
 from skinlesion.errors import ConfigError, DataError, SkinLesionError
 from skinlesion.labels import CLASSES
 from skinlesion.models.metrics import HEADLINE_METRICS
@@ -235,7 +235,9 @@ def completed_runs(runs: pd.DataFrame, row: pd.Series) -> pd.DataFrame:
 
 def _predictions(run_dir: str, split: str) -> pd.DataFrame | None:
     path = Path(run_dir) / f"predictions_{split}.csv"
-    return pd.read_csv(path, dtype={"image_id": str, "lesion_id": str}) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return pd.read_csv(path, dtype={"image_id": str, "lesion_id": str}, keep_default_na=False)
 
 
 def compare_with_first(summary: pd.DataFrame, runs: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -250,25 +252,23 @@ def compare_with_first(summary: pd.DataFrame, runs: pd.DataFrame, metric: str) -
         return summary
     first = single.iloc[0]
     reference = _predictions(completed_runs(runs, first)["run_dir"].iloc[0], first["split"])
-    if reference is None:
+    if reference is None or "lesion_id" not in reference:  # runs written before lesion ids were recorded
         return summary
-    classes = [c.removeprefix("prob_") for c in reference.columns if c.startswith("prob_")]
-    index = {name: i for i, name in enumerate(classes)}
-    groups = reference["lesion_id"] if "lesion_id" in reference else reference["image_id"]  # older runs: images
+    probs = [c for c in reference.columns if c.startswith("prob_")]
+    index = {name.removeprefix("prob_"): i for i, name in enumerate(probs)}
+    labels, preds = reference["true"].map(index).to_numpy(), reference["pred"].map(index).to_numpy()
+    resamples = Resamples.draw(reference["lesion_id"])
     for position, row in single.iloc[1:].iterrows():
         other = _predictions(completed_runs(runs, row)["run_dir"].iloc[0], row["split"])
         if row["split"] != first["split"] or other is None or len(other) != len(reference):
+            continue
+        if [c for c in other.columns if c.startswith("prob_")] != probs:  # other classes: nothing to pair
             continue
         paired = reference[["image_id"]].merge(other[["image_id", "pred"]], on="image_id", how="left")
         if paired["pred"].isna().any():  # not the same images
             continue
         difference = paired_difference(
-            reference["true"].map(index).to_numpy(),
-            reference["pred"].map(index).to_numpy(),
-            paired["pred"].map(index).to_numpy(),
-            groups,
-            len(classes),
-            metric,
+            labels, preds, paired["pred"].map(index).to_numpy(), resamples, len(probs), metric
         )
         summary.loc[position, list(PAIRED)] = [difference[k] for k in ("difference", "low", "high", "p_a_better")]
     return summary
@@ -313,26 +313,27 @@ def _certainty_section(done: pd.DataFrame, metric: str, names: list[str]) -> lis
     if metric not in BOOTSTRAP_METRICS or done[f"{metric}_ci_low"].isna().all():
         return []
     percent = f"{LEVEL:.0%}"
-    header = [*(HEADERS.get(n, n) for n in names), HEADERS.get(metric, metric), f"{percent} CI", "rank 1 minus this"]
-    header.append(f"{percent} CI")
-    lines = [
-        "## How sure is the ranking?",
-        "",
-        f"Intervals resample the split's lesions ({N_RESAMPLES:,} times; all photos of a drawn lesion come "
-        f"along). The difference is rank 1's {metric} minus this row's on the same images, resampled in "
-        "pairs; when its interval includes 0 this split cannot tell the two apart. Rows with several seeds "
-        "are compared by their standard deviation instead.",
-        "",
-        "| " + " | ".join(header) + " | P(rank 1 better) |",
-        "|" + "|".join("---" for _ in range(len(header) + 1)) + "|",
-    ]
+    paired = done["diff_vs_first"].notna().any()
+    header = [*(HEADERS.get(n, n) for n in names), HEADERS.get(metric, metric), f"{percent} CI"]
+    text = f"Intervals resample the split's lesions ({N_RESAMPLES:,} times; all photos of a drawn lesion come along)."
+    if paired:
+        header += ["rank 1 minus this", f"{percent} CI", "P(rank 1 better)"]
+        text += (
+            f" The difference is rank 1's {metric} minus this row's on the same images, resampled in pairs; when "
+            "its interval includes 0 this split cannot tell the two apart. P counts the resamples rank 1 wins "
+            "(ties half)."
+        )
+    text += " Rows with several seeds are compared by their standard deviation instead."
+    lines = ["## How sure is the ranking?", "", text, "", "| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
     for _, row in done.iterrows():
         cells = [_cell(row, n) for n in names] + [_cell(row, metric)]
         cells.append(_interval_cell(row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]))
-        diff = row["diff_vs_first"]
-        cells.append("" if math.isnan(diff) else f"{diff:+.4f}")
-        cells.append(_interval_cell(row["diff_ci_low"], row["diff_ci_high"], signed=True))
-        cells.append("" if math.isnan(row["p_first_better"]) else f"{row['p_first_better']:.3f}")
+        if paired:
+            diff = row["diff_vs_first"]
+            cells.append("" if math.isnan(diff) else f"{diff:+.4f}")
+            cells.append(_interval_cell(row["diff_ci_low"], row["diff_ci_high"], signed=True))
+            cells.append("" if math.isnan(row["p_first_better"]) else f"{row['p_first_better']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 

@@ -20,13 +20,15 @@ def noisy_predictions(labels: np.ndarray, error_rate: float, seed: int) -> np.nd
     return np.where(wrong, rng.integers(0, K, len(labels)), labels)
 
 
-@pytest.mark.parametrize("drop_class", [None, 3])
-def test_the_full_sample_scores_like_torchmetrics(drop_class: int | None) -> None:
+@pytest.mark.parametrize("absent", [None, "true", "true_and_predicted"])
+def test_the_full_sample_scores_like_torchmetrics(absent: str | None) -> None:
     rng = np.random.default_rng(1)
     labels = rng.integers(0, K, 300)
-    if drop_class is not None:  # a class that is predicted but never true: torchmetrics counts its recall as 0
-        labels[labels == drop_class] = 0
     probs = torch.tensor(rng.random((300, K))).softmax(1).float()
+    if absent:  # class 3 is never true: predicted, torchmetrics counts its recall as 0; else it leaves it out
+        labels[labels == 3] = 0
+    if absent == "true_and_predicted":
+        probs[:, 3] = 0.0
     preds = probs.argmax(1).numpy()
     groups = [f"lesion_{i}" for i in range(300)]
     full = Resamples(np.ones((1, 300)), Resamples.draw(groups, n_resamples=1).lesion_of_image)
@@ -61,9 +63,15 @@ def test_paired_difference_sees_a_real_improvement_and_none_between_equals() -> 
     wrong = np.flatnonzero(weaker != labels)
     stronger[wrong[: len(wrong) // 3]] = labels[wrong[: len(wrong) // 3]]  # fix a third of the mistakes
     groups = np.arange(len(labels)) // 2
-    better = paired_difference(labels, stronger, weaker, groups, K)
+    resamples = Resamples.draw(groups)
+    better = paired_difference(labels, stronger, weaker, resamples, K)
     assert better["difference"] > 0 and better["low"] > 0 and better["p_a_better"] > 0.99
-    same = paired_difference(labels, weaker, weaker, groups, K)
-    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0, "p_a_better": 0.0}
+    same = paired_difference(labels, weaker, weaker, resamples, K)
+    assert same == {"difference": 0.0, "low": 0.0, "high": 0.0, "p_a_better": 0.5}  # ties count half
+    # Two lesions apart: B fixes one mistake of A. B never loses a resample, and ties do not count against it.
+    one_fix = weaker.copy()
+    one_fix[wrong[0]] = labels[wrong[0]]
+    close = paired_difference(labels, one_fix, weaker, resamples, K)
+    assert close["low"] >= 0 and close["p_a_better"] > 0.5
     with pytest.raises(ValueError, match="empty split"):
         Resamples.draw([])

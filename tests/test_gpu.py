@@ -37,12 +37,11 @@ def test_channels_last_and_bf16_on_the_gpu(tmp_path: Path) -> None:
 
 def test_a_fit_with_trainer_gpu_and_its_checkpoint_on_the_cpu(train_cfg, tmp_path: Path) -> None:
     cfg = train_cfg("trainer=gpu", "data.image_size=64", "+trainer.limit_train_batches=4")
-    summary = train(cfg)
+    train(cfg)
     run = tmp_path / "run"
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["status"] == "completed" and saved["epochs"] == 2
     assert all(math.isfinite(v) for v in saved["metrics"].values())
-    assert summary["metrics"] == pytest.approx(saved["metrics"])
 
     # The GPU-trained weights predict on the CPU in fp32 what the GPU (bf16) predicted, within bf16 rounding.
     model = load_classifier(run / "checkpoints" / "best.ckpt").eval()

@@ -181,6 +181,14 @@ def test_lesion_bootstrap_intervals_and_the_paired_comparison_with_rank_one(tmp_
     assert summary.loc["densenet121", list(PAIRED)].isna().all()
     assert not summary.loc["mobilenetv2", list(PAIRED)].isna().any()
 
+    # A rank 1 written before lesion ids were recorded: no paired comparison (by image it would be too sure).
+    predictions = folder / "0_resnet50_seed0" / "predictions_test.csv"
+    pd.read_csv(predictions).drop(columns="lesion_id").to_csv(predictions, index=False)
+    summary = write_report(folder).summary
+    assert summary[list(PAIRED)].isna().all().all()
+    markdown = (folder / "summary.md").read_text()
+    assert "## How sure is the ranking?" in markdown and "P(rank 1 better)" not in markdown
+
 
 def test_runs_without_a_test_split_report_validation_and_configs_stay_apart(tmp_path: Path) -> None:
     folder = tmp_path / "sweep"

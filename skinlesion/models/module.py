@@ -189,7 +189,8 @@ class SkinLesionClassifier(L.LightningModule):
         }
         outputs = self.outputs[split]
         scores = probability_metrics(outputs["logits"].softmax(1), outputs["labels"], split, self.class_names)
-        self.log_dict({f"{split}/loss": float(loss), **scores})
+        # Every rank holds the same values; syncing them keeps Lightning from warning, and changes nothing.
+        self.log_dict({f"{split}/loss": float(loss), **scores}, sync_dist=self.trainer.world_size > 1)
 
     def on_validation_epoch_end(self) -> None:
         self._end_eval_epoch("val")
