@@ -86,16 +86,21 @@ def plot_confusion_grid(matrices: Mapping[str, np.ndarray], classes: Sequence[st
     save_figure(fig, path)
 
 
-def plot_metric_bars(means: pd.DataFrame, stds: pd.DataFrame, path: Path, title: str = "") -> None:
-    """Grouped bars: one group per row of ``means`` (a backbone), one bar per column (a metric), ±std."""
+def plot_metric_bars(
+    means: pd.DataFrame, errors: Mapping[str, np.ndarray], path: Path, title: str = "", note: str = ""
+) -> None:
+    """Grouped bars: one group per row of ``means`` (a backbone), one bar per column (a metric), with error
+    bars ``errors[metric]`` of shape (2, rows): the distance below and above each bar (NaN: none)."""
     n_rows, n_metrics = means.shape
     width = 0.8 / max(n_metrics, 1)
     x = np.arange(n_rows)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * n_rows * max(1, n_metrics / 4)), 4.5))
     for k, metric in enumerate(means.columns):
-        has_std = metric in stds and stds[metric].notna().any()  # several seeds
-        errors = stds[metric].fillna(0).to_numpy() if has_std else None
-        ax.bar(x + (k - (n_metrics - 1) / 2) * width, means[metric], width, yerr=errors, capsize=3, label=metric)
+        bars = errors.get(metric)
+        bars = bars if bars is not None and np.nan_to_num(bars).any() else None  # NaN: no bar for that row
+        ax.bar(x + (k - (n_metrics - 1) / 2) * width, means[metric], width, yerr=bars, capsize=3, label=metric)
+    if note:
+        ax.text(0.99, 0.98, note, transform=ax.transAxes, ha="right", va="top", fontsize=7, color="grey")
     ax.set_xticks(x, [str(i) for i in means.index], rotation=20, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("score")

@@ -387,6 +387,19 @@ def _pooled_confusion(runs: pd.DataFrame, split: str) -> np.ndarray | None:
     return sum(pd.read_csv(p, index_col=0).to_numpy() for p in files)
 
 
+def error_bars(done: pd.DataFrame, metric: str) -> np.ndarray:
+    """(2, rows) distances below and above each row's score: ±std over seeds where several ran, else the
+    bootstrap interval of the one run (for the metrics that have one), else NaN (no bar)."""
+    score = pd.to_numeric(done[metric], errors="coerce").to_numpy(dtype=float)
+    std = pd.to_numeric(done[f"{metric}_std"], errors="coerce").to_numpy(dtype=float)
+    below, above = std.copy(), std.copy()
+    if f"{metric}_ci_low" in done:
+        one_run = np.isnan(std)
+        below[one_run] = score[one_run] - pd.to_numeric(done[f"{metric}_ci_low"], errors="coerce").to_numpy()[one_run]
+        above[one_run] = pd.to_numeric(done[f"{metric}_ci_high"], errors="coerce").to_numpy()[one_run] - score[one_run]
+    return np.clip(np.stack([below, above]), 0, None)  # NaN: no bar
+
+
 def write_plots(report: Report, out_dir: Path) -> None:
     """Headline metrics per configuration, confusion matrices and ROC curves (seeds pooled)."""
     done = report.summary[report.summary["status"] == "completed"]
@@ -394,8 +407,10 @@ def write_plots(report: Report, out_dir: Path) -> None:
         return
     labels = [_label(row) for _, row in done.iterrows()]
     means = done[list(HEADLINE_METRICS)].set_axis(labels)
-    stds = done[[f"{m}_std" for m in HEADLINE_METRICS]].set_axis(labels).set_axis(list(HEADLINE_METRICS), axis=1)
-    plot_metric_bars(means, stds, out_dir / METRICS_PNG, title=f"{report.folder.name} ({'/'.join(set(done['split']))})")
+    errors = {metric: error_bars(done, metric) for metric in HEADLINE_METRICS}
+    title = f"{report.folder.name} ({'/'.join(set(done['split']))})"
+    note = f"error bars: ±std over seeds, else the {LEVEL:.0%} lesion-bootstrap interval (acc, bal. acc, F1)"
+    plot_metric_bars(means, errors, out_dir / METRICS_PNG, title=title, note=note)
     matrices, curves = {}, {}
     for label, (_, row) in zip(labels, done.iterrows(), strict=True):
         members = completed_runs(report.runs, row)

@@ -6,6 +6,7 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -15,7 +16,7 @@ from skinlesion import cli
 from skinlesion.artifacts import write_split_artifacts
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.labels import CLASSES
-from skinlesion.report import NOT_FINISHED, PAIRED, MultirunReport, find_runs, main, write_report
+from skinlesion.report import NOT_FINISHED, PAIRED, MultirunReport, error_bars, find_runs, main, write_report
 from skinlesion.runs import write_json
 
 N_IMAGES = 28
@@ -128,6 +129,14 @@ def test_seeds_pool_into_mean_and_std_and_failures_keep_their_error(sweep) -> No
     assert list(completed["rank"]) == [1, 2]
     assert set(report.failed["run"]) == {"3_mobilenetv2_seed0", "4_efficientnet_b0_seed0"}
 
+    done = report.summary[report.summary["status"] == "completed"].reset_index(drop=True)
+    bars = error_bars(done, "balanced_acc")  # several seeds: ±std; one run: its bootstrap interval
+    assert bars[0][done["backbone"] == "resnet50"] == pytest.approx(summary.loc["resnet50", "balanced_acc_std"])
+    densenet = summary.loc["densenet121"]
+    assert bars[1][done["backbone"] == "densenet121"] == pytest.approx(
+        densenet["balanced_acc_ci_high"] - densenet["balanced_acc"]
+    )
+
     markdown = (folder / "summary.md").read_text()
     assert "±" in markdown and "## Failed runs" in markdown
     assert "train/loss became nan" in markdown and NOT_FINISHED in markdown
@@ -170,6 +179,12 @@ def test_lesion_bootstrap_intervals_and_the_paired_comparison_with_rank_one(tmp_
         assert 0 < low < diff < high and p_better > 0.99  # clearly ahead, even on 28 images
     markdown = (folder / "summary.md").read_text()
     assert "## How sure is the ranking?" in markdown and "P(rank 1 better)" in markdown
+    # The bar chart's error bars: the bootstrap interval of each single run (AUROC has none).
+    done = summary.reset_index()
+    bars = error_bars(done, "balanced_acc")
+    np.testing.assert_allclose(bars[0], done["balanced_acc"] - done["balanced_acc_ci_low"])
+    np.testing.assert_allclose(bars[1], done["balanced_acc_ci_high"] - done["balanced_acc"])
+    assert np.isnan(error_bars(done, "auroc_macro")).all()
 
     # Runs scored on other images are not paired.
     other = make_run(tmp_path / "other", "0_mobilenetv2_seed0", "mobilenetv2", 0)
