@@ -42,7 +42,7 @@ def write_split_artifacts(
     classes: Sequence[str],
 ) -> dict:
     """Write the split's predictions, confusion matrix and classification report; return its metrics, with
-    lesion-bootstrap 95% intervals (``<split>/<metric>_ci_low|high``) for the top-1 ones."""
+    lesion-bootstrap 95% intervals (``<split>/<metric>_ci_low|high``) for the top-1 ones and each class's recall."""
     out_dir.mkdir(parents=True, exist_ok=True)
     y_true, y_prob = labels.numpy(), probs.numpy()
     y_pred = y_prob.argmax(axis=1)
@@ -66,6 +66,6 @@ def write_split_artifacts(
     text = classification_report(y_true, y_pred, labels=ids, target_names=list(classes), digits=4, zero_division=0)
     (out_dir / f"classification_report_{split}.txt").write_text(text)
     metrics = probability_metrics(probs, labels, split, classes)
-    for name, (low, high) in confidence_intervals(y_true, y_pred, lesion_ids, len(classes)).items():
+    for name, (low, high) in confidence_intervals(y_true, y_pred, lesion_ids, classes).items():
         metrics |= {f"{split}/{name}_ci_low": low, f"{split}/{name}_ci_high": high}
     return metrics

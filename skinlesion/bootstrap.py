@@ -64,18 +64,31 @@ def scores_from_confusions(confusions: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def recall_per_class(confusions: np.ndarray) -> np.ndarray:
+    """(resamples, classes) recall; NaN where a resample holds no image of the class."""
+    support = confusions.sum(axis=2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(support > 0, np.diagonal(confusions, axis1=1, axis2=2) / support, np.nan)
+
+
 def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
     tail = (1 - level) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
+    low, high = np.nanpercentile(values, [tail, 100 - tail])
     return float(low), float(high)
 
 
 def confidence_intervals(
-    labels: np.ndarray, preds: np.ndarray, groups: Sequence, n_classes: int, level: float = LEVEL, **draw
+    labels: np.ndarray, preds: np.ndarray, groups: Sequence, classes: Sequence[str], level: float = LEVEL, **draw
 ) -> dict[str, tuple[float, float]]:
-    """Percentile interval of each metric in :data:`BOOTSTRAP_METRICS` over lesion resamples."""
-    scores = scores_from_confusions(Resamples.draw(groups, **draw).confusions(labels, preds, n_classes))
-    return {name: _interval(values, level) for name, values in scores.items()}
+    """Percentile interval of each metric in :data:`BOOTSTRAP_METRICS`, and of each class's recall
+    (``recall_<class>``: melanoma sensitivity, say), over lesion resamples."""
+    confusions = Resamples.draw(groups, **draw).confusions(labels, preds, len(classes))
+    intervals = {name: _interval(values, level) for name, values in scores_from_confusions(confusions).items()}
+    recalls = recall_per_class(confusions)
+    for k, name in enumerate(classes):
+        if not np.isnan(recalls[:, k]).all():  # a class absent from the split has no recall to bound
+            intervals[f"recall_{name}"] = _interval(recalls[:, k], level)
+    return intervals
 
 
 def paired_difference(

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from skinlesion.bootstrap import Resamples, confidence_intervals, paired_difference, scores_from_confusions
+from skinlesion.bootstrap import (
+    Resamples,
+    confidence_intervals,
+    paired_difference,
+    recall_per_class,
+    scores_from_confusions,
+)
 from skinlesion.labels import CLASSES
 from skinlesion.models.metrics import probability_metrics
 
@@ -41,19 +47,32 @@ def test_intervals_bracket_the_score_and_widen_when_photos_repeat_a_lesion() -> 
     labels = np.repeat(np.arange(K), 30)  # 210 lesions
     preds = noisy_predictions(labels, 0.4, seed=2)
     lesions = np.arange(len(labels))
-    alone = confidence_intervals(labels, preds, lesions, K)
+    alone = confidence_intervals(labels, preds, lesions, CLASSES)
     # Four identical photos of every lesion: the same evidence, so the same interval when grouped by
     # lesion, and a falsely narrow one when every photo counts as independent.
     labels4, preds4 = np.repeat(labels, 4), np.repeat(preds, 4)
-    grouped = confidence_intervals(labels4, preds4, np.repeat(lesions, 4), K)
-    by_image = confidence_intervals(labels4, preds4, np.arange(len(labels4)), K)
+    grouped = confidence_intervals(labels4, preds4, np.repeat(lesions, 4), CLASSES)
+    by_image = confidence_intervals(labels4, preds4, np.arange(len(labels4)), CLASSES)
+    full = Resamples(np.ones((1, 210)), lesions).confusions(labels, preds, K)
+    observed = {name: values[0] for name, values in scores_from_confusions(full).items()}
+    observed |= {f"recall_{c}": r for c, r in zip(CLASSES, recall_per_class(full)[0], strict=True)}
+    assert set(grouped) == set(observed)  # acc, balanced_acc, f1_macro and the recall of every class
     for name, (low, high) in grouped.items():
-        score = scores_from_confusions(Resamples(np.ones((1, 210)), lesions).confusions(labels, preds, K))[name][0]
-        assert low < score < high
-        assert (low, high) == pytest.approx(alone[name], abs=0.02)
+        assert low < observed[name] < high, name
+        assert (low, high) == pytest.approx(alone[name], abs=0.03)
         by_image_width = by_image[name][1] - by_image[name][0]
         assert high - low > 1.6 * by_image_width  # about sqrt(4) = 2 times wider
-    assert confidence_intervals(labels4, preds4, np.repeat(lesions, 4), K) == grouped  # fixed seed
+    assert confidence_intervals(labels4, preds4, np.repeat(lesions, 4), CLASSES) == grouped  # fixed seed
+
+
+def test_recall_of_a_rare_class_uses_the_resamples_that_hold_it_and_an_absent_class_has_none() -> None:
+    labels = np.array([0] * 60 + [1] * 60 + [3] * 2)  # df: two lesions, missing from about 1 resample in 7
+    preds = labels.copy()
+    preds[-1] = 0  # one of the two df lesions missed
+    intervals = confidence_intervals(labels, preds, np.arange(len(labels)), CLASSES)
+    assert intervals["recall_df"] == (0.0, 1.0)  # 0, 1/2 or 1 of the drawn df lesions found
+    assert intervals["recall_akiec"] == (1.0, 1.0)
+    assert not {"recall_bkl", "recall_mel", "recall_nv", "recall_vasc"} & set(intervals)
 
 
 def test_paired_difference_sees_a_real_improvement_and_none_between_equals() -> None:
