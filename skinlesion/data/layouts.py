@@ -144,6 +144,21 @@ def _attach_paths(frame: pd.DataFrame, image_root: Path) -> pd.DataFrame:
     return frame
 
 
+def _records(image_ids: pd.Series, lesion_ids: pd.Series, dx: pd.Series, table: Path, image_root: Path) -> pd.DataFrame:
+    """The loaders' common result (rows of ``table``, checked), with each image's path under ``image_root``."""
+    records = pd.DataFrame(
+        {
+            "image_id": image_ids,
+            "lesion_id": lesion_ids,
+            "dx": dx,
+            "label": dx.map(CLASS_TO_INDEX).astype(int),
+            "source_row": image_ids.index + 2,  # the header is line 1
+        }
+    )
+    _check_one_dx_per_lesion(records, table)
+    return _attach_paths(records, image_root)[RECORD_COLUMNS]
+
+
 def load_ham10000(root: Path) -> pd.DataFrame:
     """The Kaggle/Dataverse HAM10000 download: metadata CSV plus images in any sub-folder of ``root``."""
     meta = root / HAM_METADATA
@@ -165,17 +180,7 @@ def load_ham10000(root: Path) -> pd.DataFrame:
     if empty.any():
         i = int(empty.idxmax())
         raise DataError(f"{meta} line {i + 2}: empty lesion_id for image_id {frame['image_id'][i]}")
-    records = pd.DataFrame(
-        {
-            "image_id": frame["image_id"].str.strip(),
-            "lesion_id": lesion,
-            "dx": dx,
-            "label": dx.map(CLASS_TO_INDEX).astype(int),
-            "source_row": frame.index + 2,
-        }
-    )
-    _check_one_dx_per_lesion(records, meta)
-    return _attach_paths(records, root)[RECORD_COLUMNS]
+    return _records(frame["image_id"].str.strip(), lesion, dx, meta, root)
 
 
 def load_isic2018(root: Path, subset: str = "Training") -> pd.DataFrame:
@@ -216,14 +221,4 @@ def load_isic2018(root: Path, subset: str = "Training") -> pd.DataFrame:
             "photos of one lesion together (python -m skinlesion.data.download fetches it)",
             groupings.name,
         )
-    records = pd.DataFrame(
-        {
-            "image_id": image_ids,
-            "lesion_id": lesion_ids,
-            "dx": dx,
-            "label": dx.map(CLASS_TO_INDEX).astype(int),
-            "source_row": frame.index + 2,
-        }
-    )
-    _check_one_dx_per_lesion(records, truth)
-    return _attach_paths(records, images)[RECORD_COLUMNS]
+    return _records(image_ids, lesion_ids, dx, truth, images)
