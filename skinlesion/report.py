@@ -240,6 +240,16 @@ def _predictions(run_dir: str, split: str) -> pd.DataFrame | None:
     return pd.read_csv(path, dtype={"image_id": str, "lesion_id": str}, keep_default_na=False)
 
 
+def _prob_columns(predictions: pd.DataFrame) -> list[str]:
+    """``prob_<class>`` columns, in the run's class order."""
+    return [c for c in predictions.columns if c.startswith("prob_")]
+
+
+def _class_indices(names: pd.Series, prob_columns: list[str]) -> np.ndarray:
+    """Class names (``true``/``pred`` columns) as indices into ``prob_columns``."""
+    return names.map({c.removeprefix("prob_"): i for i, c in enumerate(prob_columns)}).to_numpy()
+
+
 def compare_with_first(summary: pd.DataFrame, runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Rank 1 minus each other configuration on the same images, with a paired lesion-bootstrap interval.
 
@@ -254,21 +264,20 @@ def compare_with_first(summary: pd.DataFrame, runs: pd.DataFrame, metric: str) -
     reference = _predictions(completed_runs(runs, first)["run_dir"].iloc[0], first["split"])
     if reference is None or "lesion_id" not in reference:  # runs written before lesion ids were recorded
         return summary
-    probs = [c for c in reference.columns if c.startswith("prob_")]
-    index = {name.removeprefix("prob_"): i for i, name in enumerate(probs)}
-    labels, preds = reference["true"].map(index).to_numpy(), reference["pred"].map(index).to_numpy()
+    probs = _prob_columns(reference)
+    labels, preds = _class_indices(reference["true"], probs), _class_indices(reference["pred"], probs)
     resamples = Resamples.draw(reference["lesion_id"])
     for position, row in single.iloc[1:].iterrows():
         other = _predictions(completed_runs(runs, row)["run_dir"].iloc[0], row["split"])
         if row["split"] != first["split"] or other is None or len(other) != len(reference):
             continue
-        if [c for c in other.columns if c.startswith("prob_")] != probs:  # other classes: nothing to pair
+        if _prob_columns(other) != probs:  # other classes: nothing to pair
             continue
         paired = reference[["image_id"]].merge(other[["image_id", "pred"]], on="image_id", how="left")
         if paired["pred"].isna().any():  # not the same images
             continue
         difference = paired_difference(
-            labels, preds, paired["pred"].map(index).to_numpy(), resamples, len(probs), metric
+            labels, preds, _class_indices(paired["pred"], probs), resamples, len(probs), metric
         )
         summary.loc[position, list(PAIRED)] = [difference[k] for k in ("difference", "low", "high", "p_a_better")]
     return summary
@@ -371,13 +380,12 @@ def summary_markdown(report: Report, rank_by: str) -> str:
 
 
 def _pooled_predictions(runs: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray] | None:
-    frames = [pd.read_csv(p) for p in (Path(r) / f"predictions_{split}.csv" for r in runs["run_dir"]) if p.is_file()]
+    frames = [frame for r in runs["run_dir"] if (frame := _predictions(r, split)) is not None]
     if not frames:
         return None
     frame = pd.concat(frames, ignore_index=True)
-    classes = [c.removeprefix("prob_") for c in frame.columns if c.startswith("prob_")]
-    labels = frame["true"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    return labels, frame[[f"prob_{c}" for c in classes]].to_numpy()
+    columns = _prob_columns(frame)
+    return _class_indices(frame["true"], columns), frame[columns].to_numpy()
 
 
 def _pooled_confusion(runs: pd.DataFrame, split: str) -> np.ndarray | None:
