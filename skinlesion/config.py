@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import os
 import secrets
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent / "conf"
+# The config tree is the package skinlesion.conf (conf/ in the repository, mapped by pyproject.toml), so
+# `python -m`, the console scripts and a wheel install all load the same files the same way.
+CONFIG_PACKAGE = "pkg://skinlesion.conf"
+CONFIG_DIR = Path(str(files("skinlesion.conf")))
 
 
 def _auto_precision() -> str:

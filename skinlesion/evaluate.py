@@ -28,7 +28,7 @@ from skinlesion import cli
 from skinlesion.artifacts import write_split_artifacts
 from skinlesion.bootstrap import Resamples, paired_difference
 from skinlesion.calibration import expected_calibration_error, plot_reliability
-from skinlesion.config import to_plain
+from skinlesion.config import CONFIG_PACKAGE, to_plain
 from skinlesion.data.datamodule import SPLIT_FILE, SkinLesionDataModule
 from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.data.splits import check_disjoint
@@ -301,7 +301,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="evaluate")
 def _hydra_main(cfg: DictConfig) -> float:
     summary = cli.run_task(evaluate, cfg)
     if not isinstance(summary, dict):

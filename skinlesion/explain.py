@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from skinlesion import cli
+from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.data.images import ImageReadError
 from skinlesion.errors import CheckpointError, ConfigError
 from skinlesion.evaluate import SPLITS, datamodule_for
@@ -141,7 +142,7 @@ def explain(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="explain")
+@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="explain")
 def _hydra_main(cfg: DictConfig) -> None:
     summary = cli.run_task(explain, cfg)
     if isinstance(summary, dict):

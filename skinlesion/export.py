@@ -34,6 +34,7 @@ import torch
 from omegaconf import DictConfig
 
 from skinlesion import cli
+from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.errors import ConfigError, SkinLesionError
 from skinlesion.inference import InferenceModel, required_path
 from skinlesion.models.module import SkinLesionClassifier
@@ -175,7 +176,7 @@ def export(cfg: DictConfig) -> dict:
     return {"onnx": str(target), "json": str(sidecar), "parity": parity}
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="export")
 def _hydra_main(cfg: DictConfig) -> None:
     result = cli.run_task(export, cfg)
     if isinstance(result, dict):

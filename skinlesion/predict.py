@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from skinlesion import cli
+from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.data.images import ImageReadError
 from skinlesion.errors import ConfigError
 from skinlesion.inference import InferenceModel, format_top_k, list_images, required_path
@@ -108,7 +109,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     return frame
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="predict")
 def _hydra_main(cfg: DictConfig) -> None:
     frame = cli.run_task(predict, cfg)
     if isinstance(frame, pd.DataFrame):

@@ -30,6 +30,7 @@ from skinlesion.artifacts import write_split_artifacts
 from skinlesion.calibration import fit_temperature, write_calibration
 from skinlesion.callbacks.history import TrainingHistory
 from skinlesion.checkpoints import check_backbone, read_checkpoint
+from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.data.datamodule import SkinLesionDataModule
 from skinlesion.data.layouts import load_records
 from skinlesion.errors import CheckpointError, ConfigError
@@ -261,7 +262,7 @@ def _print_summary(summary: dict) -> None:
     )
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
     summary = cli.run_task(train, cfg)
     if not isinstance(summary, dict) or not summary:  # a failed multirun job, or a DDP rank other than 0

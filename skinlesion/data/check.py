@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from skinlesion import cli
+from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.data.checks import BAD_COLUMNS, problem_counts, write_csv
 from skinlesion.data.datamodule import BAD_FILE, SkinLesionDataModule
 from skinlesion.data.splits import SPLITS
@@ -109,7 +110,7 @@ def format_summary(summary: dict, bad_list: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="check")
+@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="check")
 def _hydra_main(cfg: DictConfig) -> None:
     summary = cli.run_task(check_data, cfg)
     if not isinstance(summary, dict) or not summary["problems"]:
