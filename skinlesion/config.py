@@ -34,6 +34,23 @@ OmegaConf.register_new_resolver("run_token", lambda: secrets.token_hex(3), use_c
 OmegaConf.register_new_resolver("auto_precision", _auto_precision, use_cache=True, replace=True)
 
 
+def project_root() -> str:
+    """``$SKINLESION_HOME``, else the folder the command was started in (where ``outputs/`` and ``data/`` go).
+
+    A resolver rather than ``${oc.env:...,${hydra:runtime.cwd}}``: Hydra's sweeper resolves the sweep folder
+    before its own config exists, and oc.env resolves its default even when the variable is set.
+    """
+    home = os.environ.get("SKINLESION_HOME")
+    if home:
+        return str(Path(home).expanduser().resolve())
+    from hydra.core.hydra_config import HydraConfig  # the launch folder, also in a job that changed folder
+
+    return HydraConfig.get().runtime.cwd if HydraConfig.initialized() else str(Path.cwd())
+
+
+OmegaConf.register_new_resolver("project_root", project_root, replace=True)
+
+
 def to_plain(value: Any) -> Any:
     """Plain dicts and lists instead of OmegaConf containers: checkpoints must load with weights_only."""
     if isinstance(value, DictConfig | ListConfig):
