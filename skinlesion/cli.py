@@ -18,7 +18,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from skinlesion.config import CONFIG_DIR
 from skinlesion.errors import ConfigError, SkinLesionError
@@ -74,6 +74,27 @@ def launch(hydra_main: Callable[[], Any], argv: Sequence[str] | None = None) -> 
             print(f"failed: {run}: {error}", file=sys.stderr)
         print(f"error: {len(FAILED_JOBS)} job(s) of the multirun failed (listed above)", file=sys.stderr)
         raise SystemExit(EXIT_JOBS_FAILED)
+
+
+def key_value_arguments(argv: Sequence[str], allowed: set[str], usage: str, required: set[str] = frozenset()) -> dict:
+    """``key=value`` arguments, as the Hydra tools take them, for the tools that are not Hydra apps.
+
+    ``--help`` prints the usage and exits 0; an unknown or missing key is one ``error:`` line (exit 2).
+    """
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(usage)
+        raise SystemExit(0)
+    malformed = [arg for arg in argv if "=" not in arg]
+    if malformed:
+        fail(f"expected key=value arguments, got {' '.join(malformed)}; {usage}")
+    values = OmegaConf.to_container(OmegaConf.from_cli(list(argv)))
+    unknown = set(values) - allowed
+    if unknown:
+        fail(f"unknown option(s) {', '.join(sorted(unknown))}; {usage}")
+    missing = required - set(values)
+    if missing:
+        fail(f"missing {', '.join(sorted(missing))}; {usage}")
+    return values
 
 
 def is_multirun() -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,24 +63,3 @@ def run_checkpoint(run_dir: Path) -> Path:
 def write_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
     text = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write(run_dir / CONFIG_FILE, lambda tmp: tmp.write_text(text))
-
-
-def resume_run_dir(argv: Sequence[str], outputs: Path) -> list[str]:
-    """Extra overrides so that ``ckpt_path=...`` resumes inside the run folder that wrote the checkpoint.
-
-    ``ckpt_path=PATH`` inside ``<run>/checkpoints/`` resumes in ``<run>``; ``ckpt_path=last`` without a
-    ``hydra.run.dir`` picks the most recently written ``last.ckpt`` of any run under ``outputs/<task>/runs``.
-    """
-    args = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith(("+", "~")))
-    if "ckpt_path" not in args or "hydra.run.dir" in args or "-m" in argv or "--multirun" in argv:
-        return []
-    value = args["ckpt_path"]
-    if value in ("", "null"):
-        return []
-    if value == "last":
-        candidates = sorted(outputs.glob(f"*/{RUNS_DIR}/*/{CHECKPOINT_DIR}/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        return [f"hydra.run.dir={candidates[-1].parent.parent}"] if candidates else []
-    path = Path(value).expanduser()
-    if path.parent.name == CHECKPOINT_DIR and (path.parent.parent / CONFIG_FILE).is_file():
-        return [f"hydra.run.dir={path.parent.parent.resolve()}"]
-    return []

@@ -20,6 +20,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
@@ -37,12 +38,12 @@ from skinlesion.errors import CheckpointError, ConfigError
 from skinlesion.gradcam import check_method, write_validation_gallery
 from skinlesion.models.backbone import count_parameters
 from skinlesion.models.module import SkinLesionClassifier
+from skinlesion.resume import check_resume, record_resume, replayed_overrides, resume_arguments
 from skinlesion.runs import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     METRICS_FILE,
     read_json,
-    resume_run_dir,
     run_checkpoint,
     write_json,
     write_resolved_config,
@@ -88,6 +89,16 @@ def _resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(path)
 
 
+def _resume_overrides(run_dir: Path) -> list[str]:
+    """This resume's own command-line overrides (after the replayed ones), to replay on a later resume."""
+    if not HydraConfig.initialized():
+        return []
+    task = list(HydraConfig.get().overrides.task)
+    replayed = replayed_overrides(run_dir)
+    mine = task[len(replayed) :] if task[: len(replayed)] == replayed else task
+    return [o for o in mine if not o.startswith("ckpt_path=")]
+
+
 def _record_failure(run_dir: Path, cfg: DictConfig, err: BaseException) -> None:
     """Write the error where the report looks for it, without replacing a completed run's metrics."""
     target = run_dir / METRICS_FILE
@@ -126,19 +137,27 @@ def train(cfg: DictConfig) -> dict:
     """Fit, pick the best checkpoint, calibrate, test; return the summary written to ``metrics.json``."""
     run_dir = Path(cfg.paths.output_dir)
     resumed_folder = (run_dir / CONFIG_FILE).is_file()  # ckpt_path=... continues a run in its own folder
-    try:
-        return _train(cfg, run_dir)
+    try:  # a missing, corrupt or foreign checkpoint, or changed settings, fail before any work
+        ckpt_path = _resume_path(cfg, run_dir)
+        changes = check_resume(cfg, run_dir) if ckpt_path and resumed_folder else None
     except Exception as err:
-        refused = resumed_folder and isinstance(cli.user_error(err), CheckpointError)
-        if rank_zero_only.rank == 0 and not refused:  # a refused resume leaves that run's record alone
+        if rank_zero_only.rank == 0 and not resumed_folder:  # a refused resume leaves that run's folder alone
+            _record_failure(run_dir, cfg, err)
+        raise
+    try:
+        return _train(cfg, run_dir, ckpt_path, changes)
+    except Exception as err:
+        if rank_zero_only.rank == 0:
             _record_failure(run_dir, cfg, err)
         raise
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict:
-    ckpt_path = _resume_path(cfg, run_dir)  # a missing, corrupt or foreign checkpoint fails before any work
+def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes: dict | None) -> dict:
     if rank_zero_only.rank == 0:
-        write_resolved_config(cfg, run_dir)
+        if resume_changes is not None:  # config.yaml keeps the settings the run was started with
+            record_resume(run_dir, str(ckpt_path), resume_changes, _resume_overrides(run_dir))
+        else:
+            write_resolved_config(cfg, run_dir)
     if cfg.data.get("synthetic") is None:  # a missing dataset fails here, before any model is built
         load_records(cfg.data.root, cfg.data.layout, cfg.data.subset)
     if cfg.gallery.enabled:
@@ -274,7 +293,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     outputs = Path(os.environ.get("SKINLESION_HOME", ".")) / "outputs"
-    sys.argv += resume_run_dir(sys.argv[1:], outputs)
+    sys.argv[1:] = resume_arguments(sys.argv[1:], outputs, Path.cwd())
     torch.set_float32_matmul_precision("high")
     cli.launch(_hydra_main)
 

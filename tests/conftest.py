@@ -164,3 +164,31 @@ def ham_subset() -> Path:
     if not (HAM_SUBSET / "HAM10000_metadata.csv").is_file():
         pytest.skip(f"real HAM10000 subset not present at {HAM_SUBSET} (only on development machines)")
     return HAM_SUBSET
+
+
+# What a user appends to any README training command to make it CPU-tiny: nothing about paths.
+USER_TINY = [
+    "data=synthetic",
+    "data.synthetic.n_images=200",
+    "data.synthetic.width=120",
+    "data.synthetic.height=90",
+    "data.image_size=32",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "model.pretrained=false",
+    "trainer=cpu",
+    "trainer.max_epochs=2",
+    "trainer.num_sanity_val_steps=0",
+    "+trainer.limit_train_batches=2",
+    "finetune.unfreeze_at_epoch=1",
+    "gallery.enabled=false",
+]
+
+
+def run_user(cwd: Path, *command: str, home: Path | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """A command as a user types it, in ``cwd``, offline, with ``$SKINLESION_HOME`` unset unless ``home``."""
+    env = {k: v for k, v in os.environ.items() if k != "SKINLESION_HOME"} | {"HF_HUB_OFFLINE": "1"}
+    if home is not None:
+        env["SKINLESION_HOME"] = str(home)
+    argv = [sys.executable, *command[1:]] if command[0] == "python" else list(command)
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -10,7 +10,7 @@ import pytest
 
 from skinlesion.cli import check_group_choices, one_line
 from skinlesion.errors import ConfigError, DataError
-from skinlesion.runs import resume_run_dir
+from skinlesion.resume import accepted_on_resume, config_changes, resume_arguments
 
 from conftest import run_cli
 
@@ -57,14 +57,38 @@ def test_resume_continues_in_the_folder_that_wrote_the_checkpoint(tmp_path: Path
     older, newer = (outputs / task / "runs" / name for task, name in (("train", "a"), ("demo", "b")))
     for run in (older, newer):
         (run / "checkpoints").mkdir(parents=True)
-        (run / "config.yaml").write_text("seed: 0\n")
+        (run / "config.yaml").write_text(f"seed: 0\npaths:\n  root_dir: {tmp_path}\n")
         (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (older / ".hydra").mkdir()
+    (older / ".hydra" / "overrides.yaml").write_text("- model=mobilenetv2\n- ckpt_path=old\n")
     os.utime(older / "checkpoints" / "last.ckpt", (1, 1))
     checkpoint = older / "checkpoints" / "last.ckpt"
-    assert resume_run_dir([f"ckpt_path={checkpoint}"], outputs) == [f"hydra.run.dir={older.resolve()}"]
-    assert resume_run_dir(["ckpt_path=last"], outputs) == [f"hydra.run.dir={newer}"]
-    assert resume_run_dir(["ckpt_path=last", "hydra.run.dir=/x"], outputs) == []  # an explicit folder wins
-    assert resume_run_dir(["model=resnet50"], outputs) == []
+    tail = ["hydra.output_subdir=null"]
+    replay = ["model=mobilenetv2", f"paths.root_dir={tmp_path}"]
+    assert resume_arguments([f"ckpt_path={checkpoint}", "trainer.max_epochs=5"], outputs, tmp_path) == [
+        *replay,
+        "trainer.max_epochs=5",
+        f"ckpt_path={checkpoint}",
+        f"hydra.run.dir={older.resolve()}",
+        *tail,
+    ]
+    newest = [f"paths.root_dir={tmp_path}", f"ckpt_path={newer.resolve() / 'checkpoints' / 'last.ckpt'}"]
+    assert resume_arguments(["ckpt_path=last"], outputs, tmp_path) == [*newest, f"hydra.run.dir={newer}", *tail]
+    inside = resume_arguments(["ckpt_path=last"], outputs, older)  # started in a run folder: that run
+    assert f"hydra.run.dir={older.resolve()}" in inside
+    for untouched in (["ckpt_path=last", "hydra.run.dir=/x"], ["model=resnet50"], ["-m", f"ckpt_path={checkpoint}"]):
+        assert resume_arguments(untouched, outputs, tmp_path) == untouched
+
+
+def test_resume_accepts_only_changes_that_cannot_alter_what_was_trained() -> None:
+    saved = {"trainer": {"max_epochs": 2, "enable_progress_bar": True}, "optimizer": {"lr": 0.001}, "seed": 0}
+    watched = {"trainer": {"max_epochs": 4, "enable_progress_bar": False}, "optimizer": {"lr": 0.001}, "seed": 0}
+    changes = config_changes(saved, watched)
+    assert changes == {"trainer.enable_progress_bar": (True, False), "trainer.max_epochs": (2, 4)}
+    assert all(accepted_on_resume(key, *change) for key, change in changes.items())
+    assert not accepted_on_resume("trainer.max_epochs", 4, 2)  # fewer epochs would rewrite what the run did
+    assert not accepted_on_resume("optimizer.lr", 0.001, 0.01)
+    assert config_changes(saved, {**saved, "loss": {"gamma": 2}}) == {"loss.gamma": ("<absent>", 2)}
 
 
 def test_an_error_raised_in_a_dataloader_worker_prints_as_one_line() -> None:

@@ -75,8 +75,10 @@ def test_cli_writes_a_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     args = [f"out={out}", "n_images=30", "seed=1", "width=64", "height=48", "min_lesions_per_class=1"]
     assert synthetic.main(args) == 0
     assert len(pd.read_csv(out / "HAM10000_metadata.csv")) == 30
-    assert synthetic.main(["n_images=10"]) == 2  # no out=
-    assert "usage" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic.main(["n_images=10"])  # no out=
+    assert exit_info.value.code == 2
+    assert "error: missing out; usage" in capsys.readouterr().err
 
 
 def test_a_small_model_learns_it_far_above_chance(tmp_path: Path, synthetic_root: Path, cache_dir: Path) -> None:

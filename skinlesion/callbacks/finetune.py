@@ -147,10 +147,10 @@ class TwoStageFinetuning(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Settings come from the config; a change against the checkpoint's is allowed but logged."""
-        keys = ("unfreeze_at_epoch", "num_blocks", "backbone_lr", "bn")
-        saved = {k: state_dict.get(k) for k in keys}
-        current = {k: getattr(self, k) for k in keys}
-        if saved != current:
-            log.warning("resuming with finetune settings %s instead of the checkpoint's %s", current, saved)
+        """A resumed run keeps the stage-2 epoch it was started with: ``auto`` resolved again from a raised
+        ``trainer.max_epochs`` would move it (``skinlesion.train`` refuses changes of the other settings)."""
+        saved = state_dict.get("unfreeze_at_epoch", self.unfreeze_at_epoch)
+        if saved != self.unfreeze_at_epoch:
+            log.info("resumed run: stage 2 from epoch %s, as the run was started", saved)
+        self.unfreeze_at_epoch = saved
         self.unfrozen_at = state_dict.get("unfrozen_at")

@@ -218,12 +218,8 @@ def download(
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = OmegaConf.from_cli(sys.argv[1:] if argv is None else argv)
-    unknown = set(args.keys()) - OPTIONS
-    if unknown:
-        cli.fail(f"unknown option(s) {', '.join(sorted(unknown))}; {USAGE}")
+    options = cli.key_value_arguments(sys.argv[1:] if argv is None else argv, OPTIONS, USAGE)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    options = OmegaConf.to_container(args)
     if isinstance(options.get("parts"), str):
         options["parts"] = [options["parts"]]
     try:

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from skinlesion import cli
 from skinlesion.data.layouts import HAM_METADATA
 from skinlesion.labels import CLASSES
 
@@ -328,21 +329,18 @@ def ensure_dataset(root: str | Path, **params) -> Path:
     return generate(root, **params)
 
 
+OPTIONS = {"out", "n_images", "seed", "width", "height", "min_lesions_per_class", "jpeg_quality", "num_workers"}
+USAGE = (
+    "usage: python -m skinlesion.data.synthetic out=DIR [n_images=1500] [seed=0] [width=600] [height=450] "
+    "[min_lesions_per_class=8] [jpeg_quality=90] [num_workers=4]"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = OmegaConf.from_cli(sys.argv[1:] if argv is None else argv)
-    allowed = {"out", "n_images", "seed", "width", "height", "min_lesions_per_class", "jpeg_quality", "num_workers"}
-    unknown = set(args.keys()) - allowed
-    if unknown or "out" not in args:
-        print(
-            f"usage: python -m skinlesion.data.synthetic out=DIR [n_images=1500] [seed=0] ...; "
-            f"allowed keys: {', '.join(sorted(allowed))}"
-            + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else ""),
-            file=sys.stderr,
-        )
-        return 2
+    options = cli.key_value_arguments(sys.argv[1:] if argv is None else argv, OPTIONS, USAGE, required={"out"})
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        path = generate(**OmegaConf.to_container(args))
+        path = generate(**options)
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,75 @@
+"""Resuming from the run folder alone: the run's own settings, and a refusal of settings that change it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import USER_TINY, run_user
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("user")
+    result = run_user(home, "python", "-m", "skinlesion.train", *USER_TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (home / "outputs" / "train" / "runs").iterdir()
+    return run
+
+
+@pytest.fixture
+def finished_run(trained_once: Path, tmp_path: Path) -> Path:
+    """A copy of the run folder (its data stays where the run read it), for one test to resume."""
+    return Path(shutil.copytree(trained_once, tmp_path / "outputs" / "train" / "runs" / trained_once.name))
+
+
+@pytest.mark.slow
+def test_resume_with_only_the_checkpoint_continues_the_run_with_its_own_settings(
+    finished_run: Path, tmp_path: Path
+) -> None:
+    config = (finished_run / "config.yaml").read_bytes()
+    last = finished_run / "checkpoints" / "last.ckpt"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()  # another working folder: the run's data and outputs stay where they were
+    result = run_user(elsewhere, "python", "-m", "skinlesion.train", f"ckpt_path={last}", "trainer.max_epochs=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (finished_run / "config.yaml").read_bytes() == config
+    assert list((tmp_path / "outputs" / "train" / "runs").iterdir()) == [finished_run]
+    assert not (elsewhere / "outputs").exists()
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 3
+    (resume,) = json.loads((finished_run / "resumes.json").read_text())
+    assert resume["overrides"] == ["trainer.max_epochs=3"]
+    assert resume["changes"] == {"trainer.max_epochs": {"from": 2, "to": 3}}
+
+    # Later: `ckpt_path=last` from inside the run folder replays the raised epoch count too.
+    again = run_user(finished_run, "python", "-m", "skinlesion.train", "ckpt_path=last", "trainer.max_epochs=4")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert torch.load(last, weights_only=True)["epoch"] == 3
+    assert (finished_run / "config.yaml").read_bytes() == config
+
+
+@pytest.mark.slow
+def test_resume_with_settings_that_change_the_training_is_refused_and_touches_nothing(finished_run: Path) -> None:
+    before = folder_digest(finished_run)
+    last = finished_run / "checkpoints" / "last.ckpt"
+    result = run_user(
+        finished_run.parent, "python", "-m", "skinlesion.train", f"ckpt_path={last}", "data.image_size=64",
+        "optimizer.lr=0.5",
+    )  # fmt: skip
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "data.image_size: 32 -> 64" in line and "optimizer.lr: 0.001 -> 0.5" in line
+    assert "Traceback" not in result.stderr
+    assert folder_digest(finished_run) == before
