@@ -66,6 +66,21 @@ def scores_from_confusions(confusions: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def interval_method(lesion_known: Sequence[bool]) -> dict[str, str]:
+    """What a split's intervals resample, and why (``metrics.json``'s ``interval_method``): its lesions, or
+    its images where the dataset names no lesions (ISIC 2018 Validation/Test without lesion groupings),
+    where the intervals come out too narrow for photos of one lesion."""
+    known = np.asarray(lesion_known, dtype=bool)
+    unknown = int((~known).sum())
+    if unknown == 0:
+        return {"resampled": "lesion", "reason": "every image has its lesion id from the dataset"}
+    if unknown == len(known):
+        reason = f"the dataset has no lesion groupings, so each of the {unknown} images counts as its own lesion"
+        return {"resampled": "image", "reason": reason}
+    reason = f"{unknown} of {len(known)} images have no lesion id in the dataset and count as their own lesion"
+    return {"resampled": "lesion", "reason": reason}
+
+
 def recall_per_class(confusions: np.ndarray) -> np.ndarray:
     """(resamples, classes) recall; NaN where a resample holds no image of the class."""
     support = confusions.sum(axis=2)
