@@ -45,7 +45,7 @@ def test_evaluate_reproduces_the_test_metrics_logged_by_training(run: Path, tmp_
 
     out = tmp_path / "eval"
     ours, theirs = read_predictions(out), read_predictions(run)
-    assert list(ours.columns) == ["image_id", "lesion_id", "true", *PROBS, "pred"]
+    assert list(ours.columns) == ["image_id", "lesion_id", "lesion_known", "true", *PROBS, "pred"]
     assert list(ours["lesion_id"]) == list(theirs["lesion_id"])
     assert list(ours["image_id"]) == list(theirs["image_id"])
     assert list(ours["true"]) == list(theirs["true"])
