@@ -1,9 +1,10 @@
 """What a finished evaluation leaves in a run folder, for training and `evaluate` alike.
 
-Per split: ``predictions_<split>.csv`` (image, lesion, per-class probabilities),
-``confusion_matrix_<split>.csv/.png`` (counts and row-normalised) and
+Per split: ``predictions_<split>.csv`` (image, lesion, whether the dataset named the lesion, per-class
+probabilities), ``confusion_matrix_<split>.csv/.png`` (counts and row-normalised) and
 ``classification_report_<split>.csv/.json/.txt``. Metrics are computed from the probabilities with the
-same torchmetrics definitions the training loop logs, plus lesion-bootstrap intervals.
+same definitions the training loop logs, plus lesion-bootstrap intervals (image-bootstrap where the
+dataset names no lesions: :func:`split_interval_method` says which).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pandas as pd
 import torch
 from sklearn.metrics import classification_report, confusion_matrix
 
-from skinlesion.bootstrap import confidence_intervals
+from skinlesion.bootstrap import confidence_intervals, interval_method
 from skinlesion.models.metrics import probability_metrics
 from skinlesion.plots import plot_confusion_matrix
 
@@ -40,6 +41,7 @@ def write_split_artifacts(
     image_ids: Sequence[str],
     lesion_ids: Sequence[str],
     classes: Sequence[str],
+    lesion_known: Sequence[bool] | None = None,
 ) -> dict:
     """Write the split's predictions, confusion matrix and classification report; return its metrics, with
     lesion-bootstrap 95% intervals (``<split>/<metric>_ci_low|high``) for the top-1 ones and each class's recall."""
@@ -48,6 +50,7 @@ def write_split_artifacts(
     y_pred = y_prob.argmax(axis=1)
     frame = predictions_frame(image_ids, y_true, y_prob, classes)
     frame.insert(1, "lesion_id", list(lesion_ids))
+    frame.insert(2, "lesion_known", [True] * len(frame) if lesion_known is None else list(lesion_known))
     frame.to_csv(out_dir / f"predictions_{split}.csv", index=False)
 
     ids = list(range(len(classes)))
@@ -69,3 +72,11 @@ def write_split_artifacts(
     for name, (low, high) in confidence_intervals(y_true, y_pred, lesion_ids, classes).items():
         metrics |= {f"{split}/{name}_ci_low": low, f"{split}/{name}_ci_high": high}
     return metrics
+
+
+def split_interval_method(records: pd.DataFrame) -> dict[str, str]:
+    """:func:`skinlesion.bootstrap.interval_method` of a split's records or of a ``predictions_<split>.csv``
+    (one written before ``lesion_known`` was recorded counts as lesions, as its intervals were labelled)."""
+    if "lesion_known" not in records:
+        return interval_method([True] * len(records))
+    return interval_method(records["lesion_known"].astype(str).str.lower().eq("true"))  # bool, or read from CSV

@@ -6,8 +6,10 @@ with replacement (every photo of a drawn lesion comes along), so the interval sa
 would move on another test set of the same size. One set of resamples scores two models in a paired
 comparison, which is what decides whether one backbone is really better than another on the same images.
 
-The metrics follow torchmetrics' macro definitions (a class counts when it has a true, a predicted or
-a missed image), so the score of the full sample equals the one in ``metrics.json``.
+The metrics follow :mod:`skinlesion.models.metrics` (balanced accuracy averages the recall of the classes
+with true images, as scikit-learn does; macro F1 counts a class when it is true or predicted), so the
+score of the full sample equals the one in ``metrics.json``. A resample without any image of a rare class
+averages the recall of the classes it holds.
 """
 
 from __future__ import annotations
@@ -52,16 +54,31 @@ def scores_from_confusions(confusions: np.ndarray) -> dict[str, np.ndarray]:
     true_positives = np.diagonal(confusions, axis1=1, axis2=2)
     support = confusions.sum(axis=2)
     predicted = confusions.sum(axis=1)
-    counted = (support + predicted) > 0  # torchmetrics leaves out a class with no true and no predicted image
+    present = support > 0  # balanced accuracy: the classes with a true image
+    counted = (support + predicted) > 0  # macro F1: a class with no true and no predicted image is left out
     with np.errstate(divide="ignore", invalid="ignore"):
-        recall = np.where(support > 0, true_positives / support, 0.0)
+        recall = np.where(present, true_positives / support, 0.0)
         f1 = np.where(counted, 2 * true_positives / (support + predicted), 0.0)
-    n_counted = counted.sum(axis=1)
     return {
         "acc": true_positives.sum(axis=1) / confusions.sum(axis=(1, 2)),
-        "balanced_acc": (recall * counted).sum(axis=1) / n_counted,
-        "f1_macro": f1.sum(axis=1) / n_counted,
+        "balanced_acc": recall.sum(axis=1) / present.sum(axis=1),
+        "f1_macro": f1.sum(axis=1) / counted.sum(axis=1),
     }
+
+
+def interval_method(lesion_known: Sequence[bool]) -> dict[str, str]:
+    """What a split's intervals resample, and why (``metrics.json``'s ``interval_method``): its lesions, or
+    its images where the dataset names no lesions (ISIC 2018 Validation/Test without lesion groupings),
+    where the intervals come out too narrow for photos of one lesion."""
+    known = np.asarray(lesion_known, dtype=bool)
+    unknown = int((~known).sum())
+    if unknown == 0:
+        return {"resampled": "lesion", "reason": "every image has its lesion id from the dataset"}
+    if unknown == len(known):
+        reason = f"the dataset has no lesion groupings, so each of the {unknown} images counts as its own lesion"
+        return {"resampled": "image", "reason": reason}
+    reason = f"{unknown} of {len(known)} images have no lesion id in the dataset and count as their own lesion"
+    return {"resampled": "lesion", "reason": reason}
 
 
 def recall_per_class(confusions: np.ndarray) -> np.ndarray:

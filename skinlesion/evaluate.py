@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from skinlesion import cli
-from skinlesion.artifacts import write_split_artifacts
+from skinlesion.artifacts import split_interval_method, write_split_artifacts
 from skinlesion.bootstrap import Resamples, paired_difference
 from skinlesion.calibration import expected_calibration_error, plot_reliability
 from skinlesion.config import CONFIG_PACKAGE, to_plain
@@ -216,9 +216,8 @@ def predict_members(
 # ---- the entry point ---------------------------------------------------------------------------------
 def _write(out_dir: Path, split: str, name: str, result: Predictions, records: pd.DataFrame, classes) -> dict:
     scored = records.loc[result.indices.numpy()]
-    metrics = write_split_artifacts(
-        out_dir, split, result.probs, result.labels, scored["image_id"], scored["lesion_id"], classes
-    )
+    ids = scored["image_id"], scored["lesion_id"]
+    metrics = write_split_artifacts(out_dir, split, result.probs, result.labels, *ids, classes, scored["lesion_known"])
     metrics[f"{split}/ece"] = expected_calibration_error(result.probs, result.labels)
     plot_reliability({name: (result.probs, result.labels)}, out_dir / f"reliability_{split}.png", title=split)
     return metrics
@@ -238,7 +237,12 @@ def _ensemble_gains(results: dict[str, Predictions], records: pd.DataFrame) -> p
 
 
 def _write_scores(
-    out_dir: Path, split: str, results: dict[str, Predictions], records: pd.DataFrame, classes: tuple[str, ...]
+    out_dir: Path,
+    split: str,
+    results: dict[str, Predictions],
+    records: pd.DataFrame,
+    classes: tuple[str, ...],
+    intervals: dict[str, str],
 ) -> dict[str, dict]:
     """Artifacts of every model (an ensemble's members under members/<name>/), ROC curves and one table."""
     scores = {}
@@ -249,10 +253,12 @@ def _write_scores(
     plot_roc_grid(curves, classes, out_dir / f"roc_{split}.png")
     columns = (*HEADLINE_METRICS, "balanced_acc_ci_low", "balanced_acc_ci_high", "nll", "ece")
     table = pd.DataFrame([{"model": name, **{m: s.get(f"{split}/{m}") for m in columns}} for name, s in scores.items()])
+    table["ci_resampled"] = intervals["resampled"]  # every model scored the same records
     if ENSEMBLE in results:
         table = table.merge(_ensemble_gains(results, records), on="model", how="left")
     table.to_csv(out_dir / f"models_{split}.csv", index=False)
     log.info("\n%s", table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    log.info("%s intervals resample %ss: %s", split, intervals["resampled"], intervals["reason"])
     return scores
 
 
@@ -271,7 +277,9 @@ def evaluate(cfg: DictConfig) -> dict:
         reference = next(iter(results.values()))  # every member scored the same records, in the same order
         average = torch.stack([r.probs for r in results.values()]).mean(dim=0)
         results = {ENSEMBLE: Predictions(average, reference.labels, reference.indices), **results}
-    scores = _write_scores(out_dir, split, results, records, first.classes)
+    scored = records.loc[next(iter(results.values())).indices.numpy()]
+    intervals = split_interval_method(scored)
+    scores = _write_scores(out_dir, split, results, records, first.classes, intervals)
 
     external = settings.get("test_set") if split == "test" else None
     summary = {
@@ -285,6 +293,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "calibrated": bool(cfg.calibrated),
         "ensemble": len(members) > 1,
         "metrics": next(iter(scores.values())),  # the ensemble's, or the single model's
+        "interval_method": {split: intervals},  # lesions, or images where the set names no lesions
         "members": {
             name: {
                 "checkpoint": str(m.path),

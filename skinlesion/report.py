@@ -28,6 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from skinlesion import cli
+from skinlesion.artifacts import split_interval_method
 from skinlesion.bootstrap import BOOTSTRAP_METRICS, LEVEL, N_RESAMPLES, Resamples, paired_difference
 from skinlesion.errors import ConfigError, DataError, SkinLesionError
 from skinlesion.labels import CLASSES
@@ -41,8 +42,10 @@ DEFAULT_RANK_BY = "balanced_acc"
 HYDRA_DIR = ".hydra"
 RUNS_CSV, SUMMARY_CSV, SUMMARY_MD = "runs.csv", "summary.csv", "summary.md"
 METRICS_PNG, CONFUSION_PNG, ROC_PNG = "summary_metrics.png", "summary_confusion.png", "summary_roc.png"
-# Lesion-bootstrap intervals of a single run's score, and rank 1 minus each other configuration, paired.
+# Lesion-bootstrap intervals of a single run's score, and rank 1 minus each other configuration, paired;
+# what they resampled (lesion, or image where the split names no lesions) and why.
 INTERVALS = tuple(f"{m}_ci_{end}" for m in BOOTSTRAP_METRICS for end in ("low", "high"))
+INTERVAL_METHOD = ("ci_resampled", "ci_reason")
 PAIRED = ("diff_vs_first", "diff_ci_low", "diff_ci_high", "p_first_better")
 NOT_FINISHED = "no metrics.json: the job was killed before it finished, or is still running"
 RECALLS = tuple(f"recall_{c}" for c in CLASSES)
@@ -145,9 +148,19 @@ def run_row(run: Path, root: Path, prefer: str | None = None) -> dict[str, Any]:
         "best_epoch": data.get("best_epoch"),
         "train_time_s": data.get("train_time_s"),
         "images_per_s": data.get("train_images_per_s"),
+        **_interval_method(data, run, split),
         "error": None,
     }
     return row
+
+
+def _interval_method(data: dict, run: Path, split: str) -> dict[str, str | None]:
+    """``ci_resampled``/``ci_reason`` of a run's split: from metrics.json, else from its predictions CSV."""
+    method = data.get("interval_method", {}).get(split)
+    if method is None and (predictions := _predictions(str(run), split)) is not None:
+        method = split_interval_method(predictions)
+    method = method or {}
+    return {"ci_resampled": method.get("resampled"), "ci_reason": method.get("reason")}
 
 
 def collect_runs(folder: Path, prefer: str | None = None) -> pd.DataFrame:
@@ -204,7 +217,7 @@ def summarize(runs: pd.DataFrame, rank_by: str = DEFAULT_RANK_BY) -> pd.DataFram
             rows.append(row | {"error": group["error"].iloc[0]})
             continue
         row["split"] = "/".join(sorted(set(done["split"])))
-        for name in CONSTANTS:
+        for name in (*CONSTANTS, *INTERVAL_METHOD):
             row[name] = done[name].iloc[0]
         for name in SCORES:
             values = pd.to_numeric(done[name], errors="coerce")
@@ -317,6 +330,25 @@ def _interval_cell(low: float, high: float, signed: bool = False) -> str:
     return f"[{low:+.4f}, {high:+.4f}]" if signed else f"[{low:.4f}, {high:.4f}]"
 
 
+def _resampling_text(done: pd.DataFrame) -> str:
+    """What the intervals resample: lesions, or images where a split names no lesions (too narrow then)."""
+    methods = done.loc[done["ci_resampled"].notna(), ["ci_resampled", "ci_reason"]].drop_duplicates()
+    lesions = (
+        f"Intervals resample the split's lesions ({N_RESAMPLES:,} times; all photos of a drawn lesion come along)."
+    )
+    by_image = methods[methods["ci_resampled"] == "image"]
+    if by_image.empty:
+        return lesions
+    reasons = "; ".join(by_image["ci_reason"].dropna().unique())
+    text = (
+        f"Intervals resample the split's **images**, not lesions ({N_RESAMPLES:,} times): {reasons}. Photos of one "
+        "lesion count as independent, so the intervals may be too narrow."
+    )
+    if len(by_image) < len(methods):
+        text = f"{lesions} Where the `resampled` column says image, instead: {text}"
+    return text
+
+
 def _certainty_section(done: pd.DataFrame, metric: str, names: list[str]) -> list[str]:
     """How far each score could move, and whether rank 1 is really ahead: lesion-bootstrap intervals."""
     if metric not in BOOTSTRAP_METRICS or done[f"{metric}_ci_low"].isna().all():
@@ -324,7 +356,9 @@ def _certainty_section(done: pd.DataFrame, metric: str, names: list[str]) -> lis
     percent = f"{LEVEL:.0%}"
     paired = done["diff_vs_first"].notna().any()
     header = [*(HEADERS.get(n, n) for n in names), HEADERS.get(metric, metric), f"{percent} CI"]
-    text = f"Intervals resample the split's lesions ({N_RESAMPLES:,} times; all photos of a drawn lesion come along)."
+    mixed = done["ci_resampled"].dropna().nunique() > 1
+    header += ["resampled"] if mixed else []
+    text = _resampling_text(done)
     if paired:
         header += ["rank 1 minus this", f"{percent} CI", "P(rank 1 better)"]
         text += (
@@ -338,6 +372,7 @@ def _certainty_section(done: pd.DataFrame, metric: str, names: list[str]) -> lis
     for _, row in done.iterrows():
         cells = [_cell(row, n) for n in names] + [_cell(row, metric)]
         cells.append(_interval_cell(row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]))
+        cells += [_cell(row, "ci_resampled")] if mixed else []
         if paired:
             diff = row["diff_vs_first"]
             cells.append("" if math.isnan(diff) else f"{diff:+.4f}")
@@ -417,7 +452,8 @@ def write_plots(report: Report, out_dir: Path) -> None:
     means = done[list(HEADLINE_METRICS)].set_axis(labels)
     errors = {metric: error_bars(done, metric) for metric in HEADLINE_METRICS}
     title = f"{report.folder.name} ({'/'.join(set(done['split']))})"
-    note = f"error bars: ±std over seeds, else the {LEVEL:.0%} lesion-bootstrap interval (acc, bal. acc, F1)"
+    unit = "/".join(sorted(set(done["ci_resampled"].dropna()))) or "lesion"
+    note = f"error bars: ±std over seeds, else the {LEVEL:.0%} {unit}-bootstrap interval (acc, bal. acc, F1)"
     plot_metric_bars(means, errors, out_dir / METRICS_PNG, title=title, note=note)
     matrices, curves = {}, {}
     for label, (_, row) in zip(labels, done.iterrows(), strict=True):

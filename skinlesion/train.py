@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from skinlesion import cli
-from skinlesion.artifacts import write_split_artifacts
+from skinlesion.artifacts import split_interval_method, write_split_artifacts
 from skinlesion.calibration import fit_temperature, write_calibration
 from skinlesion.callbacks.history import TrainingHistory
 from skinlesion.checkpoints import check_backbone, read_checkpoint
@@ -195,8 +195,11 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
         return {}
 
     metrics = {k: v for k, v in losses.items() if k.endswith("/loss")}  # the training loss on the best weights
+    intervals = {}  # what each split's bootstrap intervals resample: lesions, or images where none are named
     for split in ("val", "test"):
-        metrics |= _split_artifacts(module, datamodule, run_dir, split)
+        if (written := _split_artifacts(module, datamodule, run_dir, split)) is not None:
+            metrics |= written[0]
+            intervals[split] = written[1]
     total, trainable = count_parameters(module.backbone)
     summary = {
         "status": "completed",
@@ -218,6 +221,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
         "train_images_per_s": round(history.images_per_s, 1) if history else None,
         "calibration": calibration,
         "metrics": metrics,
+        "interval_method": intervals,
         "last_epoch": last_epoch,
     }
     write_json(run_dir / METRICS_FILE, summary)
@@ -243,24 +247,29 @@ def _calibrate(cfg: DictConfig, module: SkinLesionClassifier) -> dict:
     return {"temperature": temperature, "fitted_on": "val" if cfg.calibrate else None}
 
 
-def _split_artifacts(module: SkinLesionClassifier, datamodule: SkinLesionDataModule, run_dir: Path, split: str) -> dict:
+def _split_artifacts(
+    module: SkinLesionClassifier, datamodule: SkinLesionDataModule, run_dir: Path, split: str
+) -> tuple[dict, dict] | None:
+    """The split's metrics and how its intervals were resampled; None when the run has no such split."""
     out = module.outputs.get(split)
     if out is None:
-        return {}
+        return None
     records = datamodule.records.loc[out["indices"].numpy()]
     temperature = float(module.temperature)
     probs = (out["logits"] / temperature).softmax(1)
+    ids = records["image_id"], records["lesion_id"]
     metrics = write_split_artifacts(
-        run_dir, split, probs, out["labels"], records["image_id"], records["lesion_id"], module.class_names
+        run_dir, split, probs, out["labels"], *ids, module.class_names, records["lesion_known"]
     )
     # ECE and NLL before/after temperature scaling, and reliability_<split>.png
-    return metrics | write_calibration(run_dir, split, out["logits"], out["labels"], temperature)
+    metrics |= write_calibration(run_dir, split, out["logits"], out["labels"], temperature)
+    return metrics, split_interval_method(records)
 
 
-def _score(metrics: dict, split: str, name: str) -> str:
+def _score(metrics: dict, split: str, name: str, resampled: str = "lesion") -> str:
     text = f"{name} {metrics[f'{split}/{name}']:.3f}"
     low, high = metrics.get(f"{split}/{name}_ci_low"), metrics.get(f"{split}/{name}_ci_high")
-    return text if low is None else f"{text} (95% CI {low:.3f}-{high:.3f})"
+    return text if low is None else f"{text} (95% {resampled}-bootstrap CI {low:.3f}-{high:.3f})"
 
 
 def _print_summary(summary: dict) -> None:
@@ -269,7 +278,9 @@ def _print_summary(summary: dict) -> None:
     metrics = summary["metrics"]
     split = "test" if "test/balanced_acc" in metrics else "val"
     headline = ", ".join(
-        _score(metrics, split, name) for name in ("balanced_acc", "acc", "auroc_macro") if f"{split}/{name}" in metrics
+        _score(metrics, split, name, summary.get("interval_method", {}).get(split, {}).get("resampled", "lesion"))
+        for name in ("balanced_acc", "acc", "auroc_macro")
+        if f"{split}/{name}" in metrics
     )
     plots = ", ".join(sorted(p.name for p in run.glob("*.png")))
     print(

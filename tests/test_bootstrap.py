@@ -3,10 +3,14 @@ lesion, reproducible, and a paired comparison that sees a real improvement."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import balanced_accuracy_score
 
+from skinlesion.artifacts import write_split_artifacts
 from skinlesion.bootstrap import (
     Resamples,
     confidence_intervals,
@@ -31,7 +35,7 @@ def test_the_full_sample_scores_like_torchmetrics(absent: str | None) -> None:
     rng = np.random.default_rng(1)
     labels = rng.integers(0, K, 300)
     probs = torch.tensor(rng.random((300, K))).softmax(1).float()
-    if absent:  # class 3 is never true: predicted, torchmetrics counts its recall as 0; else it leaves it out
+    if absent:  # class 3 is never true: balanced accuracy leaves it out; macro F1 counts it if predicted
         labels[labels == 3] = 0
     if absent == "true_and_predicted":
         probs[:, 3] = 0.0
@@ -94,3 +98,19 @@ def test_paired_difference_sees_a_real_improvement_and_none_between_equals() -> 
     assert close["low"] >= 0 and close["p_a_better"] > 0.5
     with pytest.raises(ValueError, match="empty split"):
         Resamples.draw([])
+
+
+def test_balanced_accuracy_of_artifacts_and_bootstrap_leaves_out_a_class_that_is_only_predicted(tmp_path: Path) -> None:
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])  # classes 3-6 are never true; class 4 is predicted
+    preds = np.array([0, 0, 0, 4, 1, 1, 4, 2, 0, 4])
+    expected = balanced_accuracy_score(labels, preds)  # 7/12; counting class 4 as recall 0 gives 7/16
+    probs = torch.nn.functional.one_hot(torch.tensor(preds), K).float() * 0.9 + 0.1 / K
+    lesions = [f"lesion_{i // 2}" for i in range(len(labels))]
+    ids = [f"image_{i}" for i in range(len(labels))]
+    metrics = write_split_artifacts(tmp_path, "test", probs, torch.tensor(labels), ids, lesions, CLASSES)
+    assert metrics["test/balanced_acc"] == pytest.approx(expected, abs=1e-6)
+    resamples = Resamples.draw(lesions, n_resamples=200)
+    full = Resamples(np.ones((1, 5), np.float32), resamples.lesion_of_image)
+    assert scores_from_confusions(full.confusions(labels, preds, K))["balanced_acc"][0] == pytest.approx(expected)
+    versus_perfect = paired_difference(labels, preds, labels, resamples, K)
+    assert versus_perfect["difference"] == pytest.approx(expected - 1.0)

@@ -45,7 +45,7 @@ def test_evaluate_reproduces_the_test_metrics_logged_by_training(run: Path, tmp_
 
     out = tmp_path / "eval"
     ours, theirs = read_predictions(out), read_predictions(run)
-    assert list(ours.columns) == ["image_id", "lesion_id", "true", *PROBS, "pred"]
+    assert list(ours.columns) == ["image_id", "lesion_id", "lesion_known", "true", *PROBS, "pred"]
     assert list(ours["lesion_id"]) == list(theirs["lesion_id"])
     assert list(ours["image_id"]) == list(theirs["image_id"])
     assert list(ours["true"]) == list(theirs["true"])
@@ -168,3 +168,28 @@ def test_command_line_prints_one_error_line_for_a_corrupt_checkpoint(tmp_path: P
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(corrupt) in errors[0] and "Traceback" not in result.stderr
+
+
+def test_a_set_without_lesion_groupings_has_image_bootstrap_intervals_and_warns_once(
+    run: Path, tmp_path: Path, synthetic_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    isic = tmp_path / "ISIC2018"
+    make_isic_test_set(isic, synthetic_root)  # no ISIC2018_Task3_Test_LesionGroupings.csv
+    checkpoint = f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}"
+    external = (f"data.test_set.root={isic}", "data.test_set.layout=isic2018")
+    with caplog.at_level("WARNING"):
+        result = run_evaluate(tmp_path / "a", checkpoint, *external)
+        run_evaluate(tmp_path / "b", checkpoint, *external)
+    warnings = [r for r in caplog.records if "ISIC2018_Task3_Test_LesionGroupings.csv not found" in r.getMessage()]
+    assert len(warnings) == 1 and "resample images" in warnings[0].getMessage()
+    method = json.loads((tmp_path / "a" / "eval" / "metrics.json").read_text())["interval_method"]
+    assert method == result["interval_method"]
+    assert method["test"]["resampled"] == "image" and "no lesion groupings" in method["test"]["reason"]
+    assert pd.read_csv(tmp_path / "a" / "eval" / "models_test.csv")["ci_resampled"].tolist() == ["image"]
+    assert not read_predictions(tmp_path / "a" / "eval")["lesion_known"].any()
+
+
+def test_training_records_that_its_intervals_resample_lesions(run: Path) -> None:
+    method = json.loads((run / "metrics.json").read_text())["interval_method"]
+    assert set(method) == {"val", "test"} and {m["resampled"] for m in method.values()} == {"lesion"}
+    assert read_predictions(run)["lesion_known"].all()

@@ -114,7 +114,51 @@ def test_weights_of_another_architecture_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(Exception) as info:
         build("mobilenetv2", f"model.weights={path}")
     assert isinstance(user_error(info.value), WeightsError)
-    assert re.search(r"cannot be loaded into mobilenetv2_100.*Missing key", str(user_error(info.value)))
+    assert re.search(r"cannot be loaded into mobilenetv2_100.*keys missing", str(user_error(info.value)))
+
+
+def imagenet_state_dict(name: str, **kwargs) -> dict[str, torch.Tensor]:
+    """A state dict shaped like the backbone's ImageNet weights, with values unlike any initialisation."""
+    timm_name = compose_config("train", [f"model={name}"]).model.timm_name
+    source = timm.create_model(timm_name, pretrained=False, **kwargs)
+    with torch.no_grad():
+        for param in source.parameters():
+            param.normal_()
+    return source.state_dict()
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> Path:
+    if path.suffix == ".safetensors":
+        safetensors.torch.save_file(state, path)
+    else:
+        torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_weights_file_holding_only_the_classifier_is_refused(tmp_path: Path, name: str) -> None:
+    full = imagenet_state_dict(name)
+    head = timm.create_model(compose_config("train", [f"model={name}"]).model.timm_name).pretrained_cfg["classifier"]
+    path = save_weights({k: v for k, v in full.items() if k.startswith(f"{head}.")}, tmp_path / f"{name}.safetensors")
+    with pytest.raises(Exception) as info:
+        build(name, f"model.weights={path}")
+    error = user_error(info.value)
+    assert isinstance(error, WeightsError)
+    missing = int(re.search(r"(\d+) of its \d+ keys missing", str(error)).group(1))
+    assert str(path) in str(error) and missing > 100 and "\n" not in str(error)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("name", BACKBONES)
+def test_complete_weights_file_gives_its_backbone_weights(tmp_path: Path, name: str, suffix: str) -> None:
+    # InceptionV3's torchvision weights carry the auxiliary classifier, which the model leaves out
+    expected = imagenet_state_dict(name, **({"aux_logits": True} if name == "inception_v3" else {}))
+    path = save_weights(expected, tmp_path / f"{name}{suffix}")
+    model = build(name, f"model.weights={path}").backbone
+    loaded = model.state_dict()
+    head = {f"{n}.{k}" for n, m in model.named_modules() if m is model.get_classifier() for k in m.state_dict()}
+    assert set(loaded) - head <= set(expected)
+    assert all(torch.equal(loaded[k], expected[k]) for k in set(loaded) - head)
 
 
 def test_missing_weights_file_names_the_setting(tmp_path: Path) -> None:

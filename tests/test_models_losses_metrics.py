@@ -66,3 +66,19 @@ def test_metric_names_and_values_match_scikit_learn(batch) -> None:
     assert values["val/auroc_macro"] == pytest.approx(roc_auc_score(y, probs.numpy(), multi_class="ovr"), abs=1e-4)
     recalls = [values[f"val/recall_{c}"] for c in CLASSES]
     assert values["val/balanced_acc"] == pytest.approx(sum(recalls) / len(recalls), abs=1e-6)
+
+
+# Classes 3-6 have no true image; class 4 is predicted anyway. Recall 3/4, 2/3 and 1/3 over the classes
+# present: balanced accuracy 7/12 (scikit-learn, ISIC), not 7/16 (torchmetrics' macro recall counts class 4).
+ABSENT_CLASS_LABELS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+ABSENT_CLASS_PREDS = torch.tensor([0, 0, 0, 4, 1, 1, 4, 2, 0, 4])
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_balanced_accuracy_averages_the_classes_with_true_images_like_scikit_learn(full: bool) -> None:
+    probs = F.one_hot(ABSENT_CLASS_PREDS, len(CLASSES)).float() * 0.9 + 0.1 / len(CLASSES)
+    metrics = classification_metrics("test", full=full)
+    metrics.update(probs, ABSENT_CLASS_LABELS)
+    value = float(metrics.compute()["test/balanced_acc"])
+    assert value == pytest.approx(balanced_accuracy_score(ABSENT_CLASS_LABELS, ABSENT_CLASS_PREDS), abs=1e-6)
+    assert value == pytest.approx(7 / 12, abs=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -14,6 +15,7 @@ from omegaconf import OmegaConf
 
 from skinlesion import cli
 from skinlesion.artifacts import write_split_artifacts
+from skinlesion.bootstrap import interval_method
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.labels import CLASSES
 from skinlesion.report import NOT_FINISHED, PAIRED, MultirunReport, error_bars, find_runs, main, write_report
@@ -32,8 +34,10 @@ def make_run(
     with_test: bool = True,
     extra: tuple[str, ...] = (),
     skill: float = 0.0,
+    lesions_named: bool = True,
 ) -> dict:
-    """A run folder as train() leaves it: overrides, metrics.json and the split artifacts."""
+    """A run folder as train() leaves it: overrides, metrics.json and the split artifacts; without
+    ``lesions_named`` every image is its own lesion, as in an ISIC 2018 set without lesion groupings."""
     run = sweep / name
     (run / ".hydra").mkdir(parents=True)
     OmegaConf.save(
@@ -46,13 +50,15 @@ def make_run(
         return summary
     generator = torch.Generator().manual_seed(sum(map(ord, name)))
     labels = torch.arange(N_IMAGES) % len(CLASSES)
-    metrics = {}
+    metrics, intervals = {}, {}
     for split in ("val", "test") if with_test else ("val",):
         noise = torch.rand(N_IMAGES, len(CLASSES), generator=generator)
         probs = (noise + skill * torch.nn.functional.one_hot(labels, len(CLASSES))).softmax(1)  # skill: more right
         ids = [f"{split}_{i}" for i in range(N_IMAGES)]
-        lesions = [f"{split}_lesion_{i // 2}" for i in range(N_IMAGES)]  # two photos per lesion
-        metrics |= write_split_artifacts(run, split, probs, labels, ids, lesions, CLASSES)
+        lesions = [f"{split}_lesion_{i // 2}" for i in range(N_IMAGES)] if lesions_named else ids  # two photos each
+        known = [lesions_named] * N_IMAGES
+        metrics |= write_split_artifacts(run, split, probs, labels, ids, lesions, CLASSES, known)
+        intervals[split] = interval_method(known)
     metrics["val/loss"] = 1.5 + seed / 10  # of the best epoch's weights, which train() re-validates
     summary = {
         "status": "completed",
@@ -65,6 +71,7 @@ def make_run(
         "train_time_s": 10.0 + seed,
         "train_images_per_s": 100.0 + seed,
         "metrics": metrics,
+        "interval_method": intervals,
         "last_epoch": {"val/loss": 1.8},
     }
     write_json(run / "metrics.json", summary)
@@ -203,6 +210,24 @@ def test_lesion_bootstrap_intervals_and_the_paired_comparison_with_rank_one(tmp_
     assert summary[list(PAIRED)].isna().all().all()
     markdown = (folder / "summary.md").read_text()
     assert "## How sure is the ranking?" in markdown and "P(rank 1 better)" not in markdown
+
+
+def test_intervals_over_a_split_without_lesion_groupings_are_labelled_image_bootstrap(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    make_run(sweep, "0", "resnet50", 0, skill=3.0, lesions_named=False)
+    make_run(sweep, "1", "mobilenetv2", 0, lesions_named=False)
+    report = write_report(sweep)
+    markdown = (sweep / "summary.md").read_text()
+    assert "resample the split's **images**, not lesions" in markdown and "no lesion groupings" in markdown
+    assert "resample the split's lesions" not in markdown
+    assert pd.read_csv(sweep / "summary.csv")["ci_resampled"].tolist() == ["image", "image"]
+    assert report.summary["diff_ci_low"].notna().any()  # the paired comparison still runs, over images
+
+    # A metrics.json without the record: the predictions CSV's lesion_known column says the same.
+    for run in ("0", "1"):
+        data = json.loads((sweep / run / "metrics.json").read_text())
+        write_json(sweep / run / "metrics.json", {k: v for k, v in data.items() if k != "interval_method"})
+    assert write_report(sweep).summary["ci_resampled"].tolist() == ["image", "image"]
 
 
 def test_runs_without_a_test_split_report_validation_and_configs_stay_apart(tmp_path: Path) -> None:

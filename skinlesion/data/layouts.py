@@ -1,8 +1,10 @@
 """Read a dataset folder into one table of records, whatever layout it was downloaded in.
 
-Every layout becomes the same frame: ``image_id, lesion_id, dx, label, path, source_row`` with
-``label`` the index into :data:`skinlesion.labels.CLASSES` and ``source_row`` the line of the CSV the
-record came from (for error messages). Table-level problems raise :class:`DataError` at once naming the
+Every layout becomes the same frame: ``image_id, lesion_id, lesion_known, dx, label, path, source_row``
+with ``label`` the index into :data:`skinlesion.labels.CLASSES`, ``lesion_known`` false where the dataset
+names no lesion and the image stands for its own (ISIC 2018 without ``*_LesionGroupings.csv``: a bootstrap
+over such "lesions" resamples images) and ``source_row`` the line of the CSV the record came from (for
+error messages). Table-level problems raise :class:`DataError` at once naming the
 file and line; problems with the image files themselves are found by :mod:`skinlesion.data.checks`.
 """
 
@@ -31,7 +33,8 @@ GET_DATA_HINT = (
     "then point data.root (or $SKINLESION_DATA_ROOT) at it; data=synthetic runs without a download"
 )
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-RECORD_COLUMNS = ["image_id", "lesion_id", "dx", "label", "path", "source_row"]
+RECORD_COLUMNS = ["image_id", "lesion_id", "lesion_known", "dx", "label", "path", "source_row"]
+_warned_no_groupings: set[Path] = set()  # each missing groupings file is reported once per process
 
 
 def isic_paths(root: Path, subset: str) -> tuple[Path, Path, Path]:
@@ -144,12 +147,15 @@ def _attach_paths(frame: pd.DataFrame, image_root: Path) -> pd.DataFrame:
     return frame
 
 
-def _records(image_ids: pd.Series, lesion_ids: pd.Series, dx: pd.Series, table: Path, image_root: Path) -> pd.DataFrame:
+def _records(
+    image_ids: pd.Series, lesion_ids: pd.Series, dx: pd.Series, table: Path, image_root: Path, lesion_known: pd.Series | bool = True
+) -> pd.DataFrame:
     """The loaders' common result (rows of ``table``, checked), with each image's path under ``image_root``."""
     records = pd.DataFrame(
         {
             "image_id": image_ids,
             "lesion_id": lesion_ids,
+            "lesion_known": lesion_known,
             "dx": dx,
             "label": dx.map(CLASS_TO_INDEX).astype(int),
             "source_row": image_ids.index + 2,  # the header is line 1
@@ -209,16 +215,32 @@ def load_isic2018(root: Path, subset: str = "Training") -> pd.DataFrame:
         )
     dx = onehot.idxmax(axis=1).map(ISIC_COLUMNS)
     image_ids = frame["image"].str.strip()
-    lesion_ids = image_ids.copy()
+    mapping = {}
     if groupings.is_file():
         groups = _read_csv(groupings)
         _require_columns(groups, groupings, ("image", "lesion_id"))
         mapping = dict(zip(groups["image"].str.strip(), groups["lesion_id"].str.strip(), strict=True))
-        lesion_ids = image_ids.map(lambda i: mapping.get(i) or i)
-    elif subset == "Training":  # only a split needs lesions; Validation/Test are used whole
-        log.warning(
-            "%s not found: each image is treated as its own lesion, so a grouped split cannot keep "
-            "photos of one lesion together (python -m skinlesion.data.download fetches it)",
-            groupings.name,
-        )
-    return _records(image_ids, lesion_ids, dx, truth, images)
+    else:
+        _warn_no_groupings(groupings, subset)
+    known = image_ids.map(lambda i: bool(mapping.get(i)))
+    lesion_ids = image_ids.where(~known, image_ids.map(mapping))
+    return _records(image_ids, lesion_ids, dx, truth, images, known)
+
+
+def _warn_no_groupings(groupings: Path, subset: str) -> None:
+    """Once per file: every call (train, evaluate, one data module per preprocessing) reads it again."""
+    if groupings in _warned_no_groupings:
+        return
+    _warned_no_groupings.add(groupings)
+    # a split needs lesions to keep photos together; Validation/Test need them for the intervals
+    consequence = (
+        "a grouped split cannot keep photos of one lesion together"
+        if subset == "Training"
+        else "its bootstrap intervals resample images, not lesions (narrower where a lesion has several photos)"
+    )
+    log.warning(
+        "%s not found: each image is treated as its own lesion, so %s (python -m skinlesion.data.download "
+        "fetches it)",
+        groupings.name,
+        consequence,
+    )

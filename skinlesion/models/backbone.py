@@ -3,11 +3,14 @@
 A backbone's YAML (``conf/model/*.yaml``) names its timm model, the modules that count as its blocks
 for unfreezing (in order, stem first, together covering every backbone parameter once) and its Grad-CAM
 layer. ImageNet weights come from the Hugging Face hub (``pretrained=true``) or from a local
-``.safetensors``/``.pth`` file (``weights=PATH``, through timm's ``pretrained_cfg_overlay``).
+``.safetensors``/``.pth`` file (``weights=PATH``).
 
-The model is first built with its ImageNet head so that timm loads the weights *strictly*: with a
-different class count timm drops the classifier and loads non-strictly, which would silently accept a
-file of the wrong architecture. The head is replaced afterwards with ``reset_classifier``.
+The model is first built with its ImageNet head so that the weights load *strictly*: with a different
+class count timm drops the classifier and loads non-strictly, which would silently accept a file of the
+wrong architecture. The head is replaced afterwards with ``reset_classifier``. A local file is loaded
+here rather than by timm, because timm loads InceptionV3 non-strictly whatever the head (its
+torchvision weights carry an auxiliary classifier the model leaves out), so a file holding only the
+classifier would train from random init while the run says ``pretrained: true``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
+from timm.models import load_state_dict
+from timm.models.densenet import DenseNet, _filter_torchvision_pretrained
 from torch import nn
 
 from skinlesion.errors import ConfigError, WeightsError
@@ -57,20 +62,14 @@ def _summary(err: BaseException) -> str:
 
 def create_backbone(spec: BackboneSpec, num_classes: int) -> nn.Module:
     """The timm model with weights from ``spec.weights`` (a file), the hub (``spec.pretrained``) or random."""
-    overlay = {"file": str(_weights_file(spec))} if spec.weights else None
-    pretrained = bool(spec.weights) or spec.pretrained
+    weights = _weights_file(spec) if spec.weights else None
+    pretrained = spec.pretrained and weights is None  # a local file replaces the hub
     kwargs = {"drop_rate": spec.drop_rate, **dict(spec.extra)}
     if not timm.is_model(spec.timm_name):
         raise ConfigError(f"model.timm_name={spec.timm_name}: timm has no such model (see timm.list_models())")
     try:
-        model = timm.create_model(spec.timm_name, pretrained=pretrained, pretrained_cfg_overlay=overlay, **kwargs)
-    except Exception as err:  # the hub and file loaders raise network, HTTP, cache, pickle and key errors
-        if spec.weights:
-            raise WeightsError(
-                f"model.weights={spec.weights} cannot be loaded into {spec.timm_name} ({_summary(err)}); give a "
-                f"complete ImageNet state dict of {spec.timm_name} (e.g. model.safetensors from "
-                f"huggingface.co/timm/{spec.timm_name}), or set model.weights=null model.pretrained=false"
-            ) from err
+        model = timm.create_model(spec.timm_name, pretrained=pretrained, **kwargs)
+    except Exception as err:  # the hub loader raises network, HTTP, cache and key errors
         if pretrained:
             raise WeightsError(
                 f"could not load ImageNet weights for {spec.timm_name} from the Hugging Face hub "
@@ -78,6 +77,8 @@ def create_backbone(spec: BackboneSpec, num_classes: int) -> nn.Module:
                 f"or download the weights elsewhere and set model.weights=/path/to/{spec.name}.safetensors (or .pth)"
             ) from err
         raise ConfigError(f"model.timm_name={spec.timm_name}: {_summary(err)}") from err
+    if weights is not None:
+        load_weights_file(model, weights, spec)
     model.reset_classifier(num_classes)
     head = model.get_classifier()
     # A near-zero new head starts at uniform probabilities (loss ln 7) instead of timm's from-scratch init,
@@ -85,6 +86,48 @@ def create_backbone(spec: BackboneSpec, num_classes: int) -> nn.Module:
     nn.init.trunc_normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
     return model
+
+
+# Modules a file may have or lack: InceptionV3's auxiliary classifier (torchvision's weights carry it,
+# timm's other InceptionV3 weights do not; the model here builds it only with aux_logits=True).
+OPTIONAL_PREFIXES = ("AuxLogits.",)
+# timm's own key remapping for a file in an older layout, as its hub loader applies it (torchvision's
+# DenseNet names ``norm.1`` what timm names ``norm1``).
+CHECKPOINT_FILTERS = {DenseNet: _filter_torchvision_pretrained}
+
+
+def load_weights_file(model: nn.Module, path: Path, spec: BackboneSpec) -> None:
+    """Load an ImageNet state dict into ``model`` (still with its ImageNet head) strictly: every key of the
+    model must be in the file and nothing else, except :data:`OPTIONAL_PREFIXES` (and BatchNorm's
+    ``num_batches_tracked``, which old torchvision files lack and torch fills in)."""
+    hint = (
+        f"give a complete ImageNet state dict of {spec.timm_name} (e.g. model.safetensors from "
+        f"huggingface.co/timm/{spec.timm_name}), or set model.weights=null model.pretrained=false"
+    )
+    try:
+        state = load_state_dict(str(path))  # safetensors, or torch.load(weights_only=True); unwraps "state_dict"
+    except Exception as err:  # safetensors, pickle and zip errors
+        raise WeightsError(f"model.weights={path} cannot be read ({_summary(err)}); {hint}") from err
+    remap = CHECKPOINT_FILTERS.get(type(model))
+    if remap is not None:
+        state = remap(dict(state))
+    own = model.state_dict()
+    needed = [k for k in own if not k.startswith(OPTIONAL_PREFIXES) and not k.endswith("num_batches_tracked")]
+    missing = [k for k in needed if k not in state]  # torch fills in an absent num_batches_tracked
+    unexpected = [k for k in state if k not in own and not k.startswith(OPTIONAL_PREFIXES)]
+    if missing or unexpected:
+        found = [f"{len(missing)} of its {len(needed)} keys missing (e.g. {', '.join(missing[:3])})"] if missing else []
+        found += [f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})"] if unexpected else []
+        raise WeightsError(
+            f"model.weights={path} cannot be loaded into {spec.timm_name}: not its complete state dict "
+            f"({'; '.join(found)}); {hint}"
+        )
+    try:  # strict but for the optional keys, whose absence the check above allowed
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # the keys match but a shape does not: another width or depth
+        raise WeightsError(
+            f"model.weights={path} cannot be loaded into {spec.timm_name} ({_summary(err)}); {hint}"
+        ) from err
 
 
 def _weights_file(spec: BackboneSpec) -> Path:

@@ -1,7 +1,10 @@
 """The metrics every split reports, under ``split/name`` keys.
 
 Balanced accuracy (mean per-class recall) is the ISIC 2018 Task 3 metric and the default checkpoint
-criterion: on HAM10000 predicting ``nv`` for everything already scores 67% plain accuracy.
+criterion: on HAM10000 predicting ``nv`` for everything already scores 67% plain accuracy. It averages
+over the classes that have true images in the evaluated set, as ``sklearn.metrics.balanced_accuracy_score``
+does; torchmetrics' macro recall also averages a class that is only predicted, as recall 0. Macro F1 keeps
+torchmetrics' definition, which is scikit-learn's too: a class counts when it is true or predicted.
 """
 
 from __future__ import annotations
@@ -16,11 +19,29 @@ from torchmetrics.classification import (
     MulticlassF1Score,
     MulticlassPrecision,
     MulticlassRecall,
+    MulticlassStatScores,
 )
 
 from skinlesion.labels import CLASSES
 
 HEADLINE_METRICS = ("acc", "top3_acc", "balanced_acc", "f1_macro", "auroc_macro")
+
+
+class MulticlassBalancedAccuracy(MulticlassStatScores):
+    """Mean recall over the classes with at least one true image (scikit-learn's balanced accuracy)."""
+
+    higher_is_better = True
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, num_classes: int, **kwargs) -> None:
+        super().__init__(num_classes, average=None, **kwargs)
+
+    def compute(self) -> torch.Tensor:
+        tp, _, _, fn = self._final_state()
+        support = tp + fn
+        present = support > 0
+        return (tp[present] / support[present]).float().mean()
 
 
 def classification_metrics(split: str, classes=CLASSES, full: bool = True) -> MetricCollection:
@@ -34,7 +55,7 @@ def classification_metrics(split: str, classes=CLASSES, full: bool = True) -> Me
     checks = {"validate_args": full}
     metrics = {
         "acc": MulticlassAccuracy(n, average="micro", **checks),
-        "balanced_acc": MulticlassRecall(n, average="macro", **checks),
+        "balanced_acc": MulticlassBalancedAccuracy(n, **checks),
     }
     if full:
         metrics |= {
