@@ -253,7 +253,7 @@ class SkinLesionDataModule(L.LightningDataModule):
             return
         self._load()
         pre = self._require_preprocessing()
-        transforms = {"train": train_transform(pre, self.hparams.augment)}
+        transforms = {"train": train_transform(pre, self.hparams.augment, self.hparams.center_crop)}
         plain = eval_transform(pre, self.hparams.center_crop)
         frames = {name: self.split_records(name) for name in ("train", "val", "test")}
         self.datasets = {
