@@ -33,7 +33,7 @@ from skinlesion.checkpoints import check_backbone, read_checkpoint
 from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.data.datamodule import SkinLesionDataModule
 from skinlesion.data.layouts import load_records
-from skinlesion.errors import CheckpointError, ConfigError
+from skinlesion.errors import CheckpointError, ConfigError, SettingError
 from skinlesion.gradcam import check_method, write_validation_gallery
 from skinlesion.models.backbone import count_parameters
 from skinlesion.models.module import SkinLesionClassifier
@@ -47,6 +47,7 @@ from skinlesion.runs import (
     write_json,
     write_resolved_config,
 )
+from skinlesion.settings import TrainSettings, check_settings
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +96,18 @@ def _record_failure(run_dir: Path, cfg: DictConfig, err: BaseException) -> None:
         target = run_dir / "failure.json"
     problem = cli.user_error(err)  # the ConfigError, not Hydra's InstantiationException around it
     cause, message = (problem, cli.one_line(problem)) if problem else (err, str(err))
-    write_json(
-        target,
-        {
-            "status": "failed",
-            "error": f"{type(cause).__name__}: {message}",
-            "traceback": traceback.format_exc(limit=20),
-            "backbone": cfg.model.name,
-            "seed": cfg.seed,
-            "run_dir": str(run_dir),
-        },
-    )
+    record = {
+        "status": "failed",
+        "error": f"{type(cause).__name__}: {message}",
+        "traceback": traceback.format_exc(limit=20),
+        "backbone": cfg.model.name,
+        "seed": cfg.seed,
+        "run_dir": str(run_dir),
+    }
+    try:
+        write_json(target, record)
+    except OSError as write_error:  # an unwritable run folder: the error itself is what the user must see
+        log.warning("could not record the failure in %s: %s", target, write_error)
 
 
 def _check_distributed_launch(trainer: L.Trainer) -> None:
@@ -129,13 +131,14 @@ def train(cfg: DictConfig) -> dict:
     try:
         return _train(cfg, run_dir)
     except Exception as err:
-        refused = resumed_folder and isinstance(cli.user_error(err), CheckpointError)
+        refused = resumed_folder and isinstance(cli.user_error(err), CheckpointError | SettingError)
         if rank_zero_only.rank == 0 and not refused:  # a refused resume leaves that run's record alone
             _record_failure(run_dir, cfg, err)
         raise
 
 
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
+    check_settings(cfg, TrainSettings)  # impossible values fail here, before any data is read or model built
     ckpt_path = _resume_path(cfg, run_dir)  # a missing, corrupt or foreign checkpoint fails before any work
     if rank_zero_only.rank == 0:
         write_resolved_config(cfg, run_dir)
