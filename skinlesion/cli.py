@@ -9,6 +9,7 @@ sweep's report is written, so scripts and CI see that a job failed.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import sys
@@ -17,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from skinlesion.config import CONFIG_DIR
-from skinlesion.errors import ConfigError, SkinLesionError
+from skinlesion.errors import ConfigError, FileSystemError, SkinLesionError
+from skinlesion.runs import check_writable
 
 log = logging.getLogger(__name__)
 EXIT_USAGE = 2
@@ -29,6 +32,9 @@ EXIT_JOBS_FAILED = 1
 # Run folder -> error of each multirun job that failed in this process or that the sweep report found;
 # launch() turns a non-empty record into exit status 1 once Hydra is done (report written).
 FAILED_JOBS: dict[str, str] = {}
+# OSErrors that are about the machine, not the code: the user fixes them (a path, permissions, disk space).
+FILESYSTEM_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR}
+RUN_FOLDER_FIX = "set SKINLESION_HOME (or paths.root_dir) to a folder that can be written"
 
 
 class _DropAdverts(logging.Filter):
@@ -97,6 +103,24 @@ def key_value_arguments(argv: Sequence[str], allowed: set[str], usage: str, requ
     return values
 
 
+class OutputFolderCheck(Callback):
+    """Hydra callback (conf/hydra/default.yaml): an unwritable run or sweep folder is one line, before Hydra
+    tries to create it (its own failure to create one is four chained tracebacks)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(folder: str, setting: str) -> None:
+        try:  # Hydra turns a callback's exception into a warning; SystemExit gets through
+            check_writable(folder, setting, RUN_FOLDER_FIX)
+        except SkinLesionError as err:
+            fail(str(err))
+
+
 def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
@@ -116,11 +140,15 @@ def one_line(problem: SkinLesionError) -> str:
 
 
 def user_error(err: BaseException) -> SkinLesionError | None:
-    """The SkinLesionError behind ``err``, also when Hydra's instantiate or Lightning wrapped it."""
+    """The SkinLesionError behind ``err``, also when Hydra's instantiate or Lightning wrapped it; an OSError
+    about permissions, a read-only filesystem or disk space counts as one (:data:`FILESYSTEM_ERRNOS`)."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, SkinLesionError):
             return err
+        if isinstance(err, OSError) and err.errno in FILESYSTEM_ERRNOS:
+            where = f"{err.filename}: " if err.filename else ""
+            return FileSystemError(f"{where}{err.strerror}; check the path, its permissions and the free disk space")
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None

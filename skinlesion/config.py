@@ -34,6 +34,15 @@ OmegaConf.register_new_resolver("run_token", lambda: secrets.token_hex(3), use_c
 OmegaConf.register_new_resolver("auto_precision", _auto_precision, use_cache=True, replace=True)
 
 
+def _auto_benchmark(deterministic: bool | None) -> bool:
+    """cuDNN autotuning on a GPU: every batch has the same image size, so the fastest convolutions are found
+    once; off where it cannot help (CPU) or would break ``trainer.deterministic``."""
+    return torch.cuda.is_available() and not deterministic
+
+
+OmegaConf.register_new_resolver("auto_benchmark", _auto_benchmark, replace=True)
+
+
 def project_root() -> str:
     """``$SKINLESION_HOME``, else the folder the command was started in (where ``outputs/`` and ``data/`` go).
 

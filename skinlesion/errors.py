@@ -23,3 +23,11 @@ class WeightsError(SkinLesionError):
 
 class TrainingDivergedError(SkinLesionError):
     """The loss became NaN or infinite."""
+
+
+class SettingError(ConfigError):
+    """A setting's value is outside what it allows; found before any work, so nothing was written."""
+
+
+class FileSystemError(SkinLesionError):
+    """A file or folder cannot be written (or read): permissions, a read-only filesystem, no space left."""

@@ -39,6 +39,7 @@ from skinlesion.models.metrics import HEADLINE_METRICS
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.plots import plot_roc_grid
 from skinlesion.runs import CHECKPOINT_DIR, METRICS_FILE, write_json, write_resolved_config
+from skinlesion.settings import EvaluateSettings, check_settings
 from skinlesion.tta import predict_proba_tta, tta_views
 
 log = logging.getLogger(__name__)
@@ -264,6 +265,7 @@ def _write_scores(
 
 def evaluate(cfg: DictConfig) -> dict:
     """Predict, score and write the artifacts; return the summary written to ``metrics.json``."""
+    check_settings(cfg, EvaluateSettings)
     views = _check_settings(cfg)
     out_dir = Path(cfg.paths.output_dir)
     write_resolved_config(cfg, out_dir)

@@ -37,6 +37,7 @@ from skinlesion.gradcam import (
 )
 from skinlesion.inference import InferenceModel, list_images, required_path
 from skinlesion.runs import write_json
+from skinlesion.settings import ExplainSettings, check_settings
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def explain_split(
 
 def explain(cfg: DictConfig) -> dict:
     """Write the figures and ``explanations.csv`` into the run folder; returns what was written."""
+    check_settings(cfg, ExplainSettings)
     run_dir = Path(cfg.paths.output_dir)
     method = check_method(cfg.method)
     loaded = InferenceModel.load(required_path(cfg.ckpt_path, "ckpt_path", USAGE), cfg.device)

@@ -38,7 +38,8 @@ from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.errors import ConfigError, SkinLesionError
 from skinlesion.inference import InferenceModel, required_path
 from skinlesion.models.module import SkinLesionClassifier
-from skinlesion.runs import write_json
+from skinlesion.runs import check_writable, write_json
+from skinlesion.settings import ExportSettings, check_settings
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ def describe(loaded: InferenceModel, onnx_file: Path, exporter: str, opset: int,
 
 def export(cfg: DictConfig) -> dict:
     """Export, check and publish the model and its JSON; returns their paths and the parity check."""
+    check_settings(cfg, ExportSettings)
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format} is not supported; supported: {', '.join(FORMATS)}")
     if cfg.exporter not in EXPORTERS:
@@ -154,6 +156,8 @@ def export(cfg: DictConfig) -> dict:
             "exporter=dynamo needs onnxscript: pip install 'skinlesion[onnx]', or use exporter=torchscript"
         )
     ckpt_path = required_path(cfg.ckpt_path, "ckpt_path", USAGE)
+    if cfg.out:
+        check_writable(Path(cfg.out).expanduser().parent, f"out={cfg.out}")
     loaded = InferenceModel.load(ckpt_path, "cpu")
     target = Path(cfg.out).expanduser() if cfg.out else Path(cfg.paths.output_dir) / f"{loaded.model.spec.name}.onnx"
     if target.suffix != ".onnx":

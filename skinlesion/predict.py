@@ -26,7 +26,8 @@ from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.data.images import ImageReadError
 from skinlesion.errors import ConfigError
 from skinlesion.inference import InferenceModel, format_top_k, list_images, required_path
-from skinlesion.runs import atomic_write, write_json
+from skinlesion.runs import atomic_write, check_writable, write_json
+from skinlesion.settings import PredictSettings, check_settings
 from skinlesion.tta import tta_views
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,12 @@ USAGE = "python -m skinlesion.predict ckpt_path=<run>/checkpoints/best.ckpt inpu
 
 
 def output_path(out: str | None, run_dir: Path) -> Path:
-    """``out`` if given (it must not exist yet), else ``predictions.csv`` in the run folder."""
+    """``out`` if given (it must not exist yet, and its folder must be writable), else ``predictions.csv`` in
+    the run folder."""
     path = Path(out).expanduser() if out else run_dir / PREDICTIONS_FILE
     if path.exists():
         raise ConfigError(f"out={path} already exists; predict never overwrites results: give a new path")
+    check_writable(path.parent, f"out={out}" if out else "paths.output_dir")
     return path
 
 
@@ -80,6 +83,7 @@ def predict_files(
 
 def predict(cfg: DictConfig) -> pd.DataFrame:
     """Predict every image of ``cfg.input`` and write the CSV; returns its rows."""
+    check_settings(cfg, PredictSettings)
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = required_path(cfg.ckpt_path, "ckpt_path", USAGE)
     source = required_path(cfg.input, "input", USAGE)

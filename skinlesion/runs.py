@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from skinlesion.errors import FileSystemError
 
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
@@ -44,6 +47,25 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_writable(folder: str | Path, setting: str, fix: str = "give a folder that can be written") -> None:
+    """Refuse an output folder that cannot be created or written, before any work (and without writing).
+
+    ``os.access`` is not enough: it says yes to root for any folder, and to anyone for ``/proc``; a nameless
+    temporary file in the nearest existing folder is the real test.
+    """
+    folder = Path(folder).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # "/" always exists
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a folder"
+    else:
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                return
+        except OSError as err:
+            problem = f"cannot create files in {existing} ({err.strerror})"
+    raise FileSystemError(f"{setting}: cannot write to {folder}: {problem}; {fix}")
 
 
 def write_json(path: Path, data: Mapping) -> None:

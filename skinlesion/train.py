@@ -48,6 +48,7 @@ from skinlesion.runs import (
     write_json,
     write_resolved_config,
 )
+from skinlesion.settings import TrainSettings, check_settings
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +107,18 @@ def _record_failure(run_dir: Path, cfg: DictConfig, err: BaseException) -> None:
         target = run_dir / "failure.json"
     problem = cli.user_error(err)  # the ConfigError, not Hydra's InstantiationException around it
     cause, message = (problem, cli.one_line(problem)) if problem else (err, str(err))
-    write_json(
-        target,
-        {
-            "status": "failed",
-            "error": f"{type(cause).__name__}: {message}",
-            "traceback": traceback.format_exc(limit=20),
-            "backbone": cfg.model.name,
-            "seed": cfg.seed,
-            "run_dir": str(run_dir),
-        },
-    )
+    record = {
+        "status": "failed",
+        "error": f"{type(cause).__name__}: {message}",
+        "traceback": traceback.format_exc(limit=20),
+        "backbone": cfg.model.name,
+        "seed": cfg.seed,
+        "run_dir": str(run_dir),
+    }
+    try:
+        write_json(target, record)
+    except OSError as write_error:  # an unwritable run folder: the error itself is what the user must see
+        log.warning("could not record the failure in %s: %s", target, write_error)
 
 
 def _check_distributed_launch(trainer: L.Trainer) -> None:
@@ -137,7 +139,8 @@ def train(cfg: DictConfig) -> dict:
     """Fit, pick the best checkpoint, calibrate, test; return the summary written to ``metrics.json``."""
     run_dir = Path(cfg.paths.output_dir)
     resumed_folder = (run_dir / CONFIG_FILE).is_file()  # ckpt_path=... continues a run in its own folder
-    try:  # a missing, corrupt or foreign checkpoint, or changed settings, fail before any work
+    try:  # impossible values, a missing, corrupt or foreign checkpoint, or changed settings: before any work
+        check_settings(cfg, TrainSettings)
         ckpt_path = _resume_path(cfg, run_dir)
         changes = check_resume(cfg, run_dir) if ckpt_path and resumed_folder else None
     except Exception as err:

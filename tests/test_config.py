@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -68,3 +69,12 @@ def test_two_runs_started_in_the_same_second_get_different_folders(tmp_path: Pat
     assert "${" not in dirs[0]
     # multirun sub-folders carry the backbone: <job number>_<run_name>_seed<seed>, run_name = model.name
     assert "${run_name}" in subdir and first.run_name == "densenet121"
+
+
+def test_cudnn_autotuning_is_on_for_gpu_training_unless_deterministic(monkeypatch, tmp_path: Path) -> None:
+    paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"]
+    assert compose_config("train", paths).trainer.benchmark is False  # no GPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for trainer in ("default", "gpu"):
+        assert compose_config("train", [*paths, f"trainer={trainer}"]).trainer.benchmark is True
+    assert compose_config("train", [*paths, "trainer.deterministic=true"]).trainer.benchmark is False

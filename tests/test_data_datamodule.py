@@ -139,3 +139,13 @@ def test_real_subset_skips_the_missing_images_and_trains_one_epoch(ham_subset: P
     skipped = pd.read_csv(tmp_path / "run" / "skipped_images.csv")
     assert len(skipped) == 4031 and (skipped["reason"] == "missing file").all()
     assert len(pd.read_csv(tmp_path / "run" / "split.csv")) == 5984
+
+
+def test_centre_crop_shows_the_training_split_the_field_of_view_of_evaluation(synthetic_root, cache_dir) -> None:
+    augment_off = {key: 0 for key in ("rotate", "zoom", "shift", "brightness", "contrast", "hue", "saturation")}
+    datamodule = make(synthetic_root, cache_dir, center_crop=True, augment=augment_off | {"hflip": 0, "vflip": 0})
+    datamodule.setup()
+    train, val = datamodule.datasets["train"], datamodule.datasets["val"]
+    for i in range(3):
+        as_evaluated = val.transform(image=train.load(i))["image"]  # the validation pipeline on a training image
+        np.testing.assert_array_equal(train[i]["image"].numpy().transpose(1, 2, 0), as_evaluated)

@@ -133,3 +133,19 @@ def test_each_worker_draws_its_own_augmentation_and_the_seed_repeats_them(image:
     in_process = batches(0, seed=3)
     assert len({t.numpy().tobytes() for t in in_process}) == 8
     assert all(torch.equal(a, b) for a, b in zip(in_process, batches(0, seed=3)))
+
+
+@pytest.mark.parametrize("crop_pct", [0.875, 0.95])  # most backbones; ResNet-50 (a1_in1k)
+@pytest.mark.parametrize("source_side", [None, 300])  # the cache's side: image_size / crop_pct, or data.cache.size
+def test_centre_crop_gives_training_without_augmentation_the_pixels_evaluation_sees(
+    image: np.ndarray, crop_pct: float, source_side: int | None
+) -> None:
+    pre = Preprocessing(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=crop_pct)
+    side = source_side or pre.resize_size
+    cached = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA)
+    seen_in_eval = eval_transform(pre, center_crop=True)(image=cached)["image"]
+    seen_in_training = train_transform(pre, ALL_OFF, center_crop=True)(image=cached)["image"]
+    np.testing.assert_array_equal(seen_in_training, seen_in_eval)
+    flipped = train_transform(pre, ALL_OFF | {"hflip": True}, center_crop=True)
+    views = [flipped(image=cached)["image"] for _ in range(8)]  # the same crop, mirrored or not
+    assert all(np.array_equal(v, seen_in_eval) or np.array_equal(v, seen_in_eval[:, ::-1]) for v in views)

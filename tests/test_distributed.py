@@ -5,13 +5,19 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pandas as pd
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from skinlesion import cli
-from skinlesion.errors import ConfigError
+from skinlesion.config import CONFIG_DIR
+from skinlesion.data import datamodule as datamodule_module
+from skinlesion.errors import ConfigError, TrainingDivergedError
+from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.train import _check_distributed_launch
 
 from conftest import ONE_EPOCH, only_sweep, run_cli, sweep_overrides
@@ -93,3 +99,28 @@ def test_ddp_inside_a_local_multirun_is_refused_unless_the_cluster_starts_the_ra
     }.items():
         monkeypatch.setenv(key, value)
     _check_distributed_launch(L.Trainer(**settings))  # torchrun started the ranks: nothing to re-run
+
+
+def test_a_diverged_loss_on_another_rank_stops_this_one_too() -> None:
+    """The ranks agree on the finite flag, so no rank raises while the others wait in the next collective."""
+    spec = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / "mobilenetv2.yaml"))
+    module = SkinLesionClassifier(model={**spec, "pretrained": False}, image_size=32)
+    other_rank_diverged = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: False)
+    module._trainer = SimpleNamespace(
+        callback_metrics={"train/loss": torch.tensor(0.7)}, strategy=other_rank_diverged, current_epoch=3
+    )
+    with pytest.raises(TrainingDivergedError, match=r"NaN or infinite on another process in epoch 3"):
+        module.on_train_epoch_end()
+    every_rank_finite = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision)
+    module._trainer.strategy = every_rank_finite
+    module.on_train_epoch_end()
+
+
+def test_loader_workers_are_shared_among_the_processes_of_a_node(monkeypatch) -> None:
+    monkeypatch.setattr(datamodule_module, "available_cpus", lambda: 12)
+    datamodule = datamodule_module.SkinLesionDataModule("unused")
+    assert datamodule.num_workers == 8  # one process: min(8, CPUs)
+    datamodule.trainer = SimpleNamespace(num_devices=4)
+    assert datamodule.num_workers == 3  # four ranks on this node share its 12 CPUs
+    datamodule.hparams.num_workers = 5
+    assert datamodule.num_workers == 5  # an explicit count is per process, as given

@@ -158,9 +158,11 @@ class SkinLesionDataModule(L.LightningDataModule):
 
     @property
     def num_workers(self) -> int:
+        """Loader workers per process: under DDP the node's CPUs are shared by its ranks (null = that share)."""
         if self.hparams.num_workers is not None:
             return int(self.hparams.num_workers)
-        return min(8, available_cpus())
+        local_processes = self.trainer.num_devices if self.trainer is not None else 1
+        return min(8, available_cpus() // max(1, local_processes))
 
     def _require_preprocessing(self) -> Preprocessing:
         if self.preprocessing is None:
@@ -253,7 +255,7 @@ class SkinLesionDataModule(L.LightningDataModule):
             return
         self._load()
         pre = self._require_preprocessing()
-        transforms = {"train": train_transform(pre, self.hparams.augment)}
+        transforms = {"train": train_transform(pre, self.hparams.augment, self.hparams.center_crop)}
         plain = eval_transform(pre, self.hparams.center_crop)
         frames = {name: self.split_records(name) for name in ("train", "val", "test")}
         self.datasets = {

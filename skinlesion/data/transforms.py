@@ -134,16 +134,21 @@ def check_augment(augment: Mapping | None) -> None:
         )
 
 
-def train_transform(pre: Preprocessing, augment: Mapping | None) -> A.Compose:
-    """The original project's rotation/zoom/shift/brightness plus flips and colour jitter; 0/false = off."""
+def train_transform(pre: Preprocessing, augment: Mapping | None, center_crop: bool = False) -> A.Compose:
+    """The original project's rotation/zoom/shift/brightness plus flips and colour jitter; 0/false = off.
+
+    ``center_crop``: augmentation starts from the central crop evaluation sees (:func:`centre_crop`), so
+    training and evaluation show the model the same field of view; augmentation off, the same pixels.
+    """
     check_augment(augment)
     aug = dict(augment or {})
     geometry = {k: float(aug.get(k) or 0) for k in ("rotate", "zoom", "shift")}
     flips = {k: bool(aug.get(k)) for k in ("hflip", "vflip")}
+    steps: list = centre_crop(pre) if center_crop else []
     if any(geometry.values()) or any(flips.values()):
-        steps: list = [RandomAffineResize(pre.image_size, **geometry, **flips)]
-    else:
-        steps = [_resize(pre, pre.image_size)]
+        steps.append(RandomAffineResize(pre.image_size, **geometry, **flips))
+    elif not center_crop:  # the crop is already image_size
+        steps.append(_resize(pre, pre.image_size))
     colour = {k: float(aug.get(k) or 0) for k in ("brightness", "contrast", "saturation", "hue")}
     if any(colour.values()):
         steps.append(RandomColorJitter(**colour))
@@ -152,9 +157,13 @@ def train_transform(pre: Preprocessing, augment: Mapping | None) -> A.Compose:
 
 def eval_transform(pre: Preprocessing, center_crop: bool = False) -> A.Compose:
     """Resize only, or timm's resize-then-centre-crop when ``center_crop`` (lesions sit in the centre)."""
-    if not center_crop:
-        return A.Compose([_resize(pre, pre.image_size)])
-    return A.Compose([_resize(pre, pre.resize_size), A.CenterCrop(pre.image_size, pre.image_size)])
+    return A.Compose(centre_crop(pre) if center_crop else [_resize(pre, pre.image_size)])
+
+
+def centre_crop(pre: Preprocessing) -> list[A.BasicTransform]:
+    """timm's eval view: resize to ``image_size / crop_pct``, keep the central ``image_size`` square (the
+    central 87.5% of the image for most backbones, 95% for ResNet-50)."""
+    return [_resize(pre, pre.resize_size), A.CenterCrop(pre.image_size, pre.image_size)]
 
 
 def _resize(pre: Preprocessing, side: int) -> A.Resize:

@@ -148,17 +148,24 @@ class SkinLesionClassifier(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"])
         loss = self._loss(logits, batch["label"])
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        # Synced (once, at the epoch's end): every DDP rank logs and checks the same mean loss.
+        self.log(
+            "train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(logits), sync_dist=True
+        )
         # update, not forward: no per-batch values are needed, Lightning computes the epoch's at its end.
         self.train_metrics.update(logits.detach(), batch["label"])  # top-1 metrics: argmax of the logits
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
+        """Stop on a NaN or infinite loss, on every rank together: one rank raising alone would leave the
+        others waiting for it in the next collective."""
         loss = self.trainer.callback_metrics.get("train/loss")
-        if loss is not None and not torch.isfinite(loss):
+        finite = loss is None or bool(torch.isfinite(loss))
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            value = "NaN or infinite on another process" if finite else loss.item()
             raise TrainingDivergedError(
-                f"train/loss became {loss.item()} in epoch {self.current_epoch}; lower optimizer.lr or "
+                f"train/loss became {value} in epoch {self.current_epoch}; lower optimizer.lr or "
                 "finetune.backbone_lr, or set trainer.gradient_clip_val=1.0"
             )
 
