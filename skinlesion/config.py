@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ def _auto_benchmark(deterministic: bool | None) -> bool:
 
 
 OmegaConf.register_new_resolver("auto_benchmark", _auto_benchmark, replace=True)
+# Progress bars only for a person at a terminal: redirected to a file (CI, SLURM, > train.log) each redraw
+# is a line of carriage returns and cursor codes; the per-epoch line of TrainingHistory says what matters.
+OmegaConf.register_new_resolver("stdout_is_tty", lambda: sys.stdout.isatty(), replace=True)
 
 
 def project_root() -> str:

@@ -23,7 +23,8 @@ import importlib.util
 import logging
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import albumentations as A
@@ -53,6 +54,25 @@ class ParityError(SkinLesionError):
     """The exported model does not reproduce the PyTorch model's outputs."""
 
 
+# The exporter's own progress messages (dozens of INFO lines of graph rewrites) are shown only at debug
+# verbosity: hydra.verbose=onnxscript.
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
+
+
+@contextmanager
+def _quiet_below_debug(*names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        if not logger.isEnabledFor(logging.DEBUG):
+            logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def export_onnx(model: SkinLesionClassifier, path: Path, exporter: str = "dynamo", opset: int = 18) -> None:
     """Write the backbone as ONNX with a dynamic batch dimension (input and output)."""
     size = model.preprocessing.image_size
@@ -64,7 +84,7 @@ def export_onnx(model: SkinLesionClassifier, path: Path, exporter: str = "dynamo
     else:
         options |= {"dynamo": False, "dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}}
     backbone = model.backbone.eval().cpu()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _quiet_below_debug(*EXPORTER_LOGGERS):
         warnings.simplefilter("ignore", DeprecationWarning)  # the torchscript exporter's notice
         torch.onnx.export(backbone, (example,), str(path), **options)
 

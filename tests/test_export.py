@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -31,9 +32,16 @@ def export_cfg(tmp_path: Path, checkpoint: Path, *overrides: str):
 
 
 @pytest.mark.parametrize("backbone", ["resnet50", "mobilenetv2"])
-def test_onnx_matches_pytorch_for_any_batch_size(tmp_path: Path, backbone: str, synthetic_root: Path) -> None:
+def test_onnx_matches_pytorch_for_any_batch_size(
+    tmp_path: Path, backbone: str, synthetic_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     checkpoint = random_checkpoint(tmp_path / "best.ckpt", backbone, IMAGE_SIZE, temperature=1.7)
+    caplog.set_level(logging.INFO)
     result = export(export_cfg(tmp_path, checkpoint))
+    chatter = [
+        r for r in caplog.records if r.name.startswith(("onnxscript", "onnx_ir")) and r.levelno < logging.WARNING
+    ]
+    assert not chatter, chatter[:3]  # the exporter's progress stays at debug verbosity
 
     onnx_path, info_path = Path(result["onnx"]), Path(result["json"])
     assert onnx_path == tmp_path / "run" / f"{backbone}.onnx" and info_path == onnx_path.with_suffix(".json")

@@ -11,7 +11,7 @@ import pytest
 
 from skinlesion.labels import CLASSES
 
-from conftest import ONE_EPOCH, compose_config, only_sweep, run_cli, sweep_overrides
+from conftest import ONE_EPOCH, USER_TINY, compose_config, only_sweep, run_cli, run_user, sweep_overrides
 
 BACKBONES = ("resnet50", "densenet121", "mobilenetv2", "efficientnet_b0", "inception_v3")
 
@@ -99,3 +99,22 @@ def test_experiments_hold_complete_recipes_and_seeds_share_the_split(seed: int, 
     assert (benchmark.data.split.strategy, benchmark.data.split.test) == ("lesion_grouped", 0.15)
     assert benchmark.optimizer._target_ == "torch.optim.AdamW" and "WarmupCosine" in benchmark.scheduler._target_
     assert benchmark.monitor == "val/balanced_acc"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("home_set", [False, True], ids=["from-the-working-folder", "SKINLESION_HOME"])
+def test_a_plain_sweep_starts_from_an_empty_folder_and_writes_its_report(tmp_path: Path, home_set: bool) -> None:
+    """As a user types it: no paths.* override, no environment variable (or $SKINLESION_HOME elsewhere)."""
+    cwd, home = tmp_path / "cwd", tmp_path / "home"
+    cwd.mkdir()
+    tiny = [o for o in USER_TINY if not o.startswith(("trainer.max_epochs", "finetune."))]
+    result = run_user(
+        cwd, "python", "-m", "skinlesion.train", "-m", "model=mobilenetv2,efficientnet_b0", *tiny,
+        "trainer.max_epochs=1", home=home if home_set else None,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = ((home if home_set else cwd) / "outputs" / "train" / "multiruns").iterdir()
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert sorted(summary["backbone"]) == ["efficientnet_b0", "mobilenetv2"]
+    assert (sweep / "summary.md").is_file()
+    assert sorted(p.name for p in cwd.iterdir()) == ([] if home_set else ["data", "outputs"])

@@ -7,6 +7,8 @@ its curves up to that point. ``val/*`` columns are filled only in epochs that va
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from skinlesion.models.backbone import count_parameters
 from skinlesion.plots import plot_training_curves
+
+log = logging.getLogger("skinlesion.epochs")
 
 HISTORY_FILE = "history.csv"
 CURVES_FILE = "training_curves.png"
@@ -70,11 +74,17 @@ class TrainingHistory(Callback):
         for group in trainer.optimizers[0].param_groups:
             row[f"lr/{group.get('name', 'group')}"] = group["lr"]
         row["trainable_params"] = count_parameters(pl_module)[1]
+        stage = next(
+            (c.stage_for_epoch(trainer.current_epoch) for c in trainer.callbacks if hasattr(c, "stage_for_epoch")), None
+        )
+        if stage is not None:
+            row["stage"] = stage
         # Lightning keeps the last validation's values in callback_metrics until the next one.
         splits = ("train/", "val/") if self._validated else ("train/",)
         row |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(splits)}
         self.rows.append(row)
         if trainer.is_global_zero:
+            log.info(epoch_line(row, trainer.max_epochs))
             self.output_dir.mkdir(parents=True, exist_ok=True)
             pd.DataFrame(self.rows).to_csv(self.output_dir / HISTORY_FILE, index=False)
 
@@ -97,3 +107,19 @@ class TrainingHistory(Callback):
         self.rows = list(state_dict.get("rows", []))
         self.train_time_s = float(state_dict.get("train_time_s", 0.0))
         self.train_images = int(state_dict.get("train_images", 0))
+
+
+def epoch_line(row: dict, max_epochs: int | None) -> str:
+    """One readable line per epoch (console and ``train.log``): what a person watching a run wants to see."""
+
+    def value(key: str, digits: int = 4) -> str:
+        number = row.get(key)
+        return "-" if number is None or (isinstance(number, float) and math.isnan(number)) else f"{number:.{digits}f}"
+
+    total = f"/{max_epochs - 1}" if max_epochs and max_epochs > 0 else ""
+    lrs = " ".join(f"{k}={v:.2e}" for k, v in row.items() if k.startswith("lr/"))
+    return (
+        f"epoch {row['epoch']}{total} stage {row.get('stage', '-')}: train/loss {value('train/loss')} "
+        f"val/loss {value('val/loss')} val/balanced_acc {value('val/balanced_acc')} | {lrs} | "
+        f"{row['epoch_time_s']:.1f} s, {row['images_per_s']:.1f} images/s"
+    )
