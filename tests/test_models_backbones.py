@@ -189,3 +189,34 @@ def test_channels_last_converts_weights_and_inputs_without_changing_outputs() ->
     with torch.no_grad():
         assert torch.allclose(plain.predict_proba(images), fast.predict_proba(images), atol=1e-5)
     assert not build("mobilenetv2").uses_channels_last  # "auto" on a CPU
+
+
+def test_an_unreachable_hub_fails_at_once_in_offline_mode_with_the_one_line_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No minute of retries: one refused connection, then the load runs in huggingface_hub's offline mode."""
+    import socket
+
+    import timm
+    from huggingface_hub import constants
+
+    from skinlesion.errors import WeightsError
+    from skinlesion.models.backbone import BackboneSpec, create_backbone
+
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    seen_offline = []
+
+    def load(*args, **kwargs):
+        seen_offline.append(constants.is_offline_mode())
+        raise OSError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(timm, "create_model", load)
+    spec = BackboneSpec(name="resnet50", timm_name="resnet50.a1_in1k", blocks=[], gradcam_layer="layer4")
+    with pytest.raises(WeightsError, match=r"model\.pretrained=false .* model\.weights=/path/to/resnet50"):
+        create_backbone(spec, num_classes=7)
+    assert seen_offline == [True]
+    assert constants.is_offline_mode() is False  # the setting is the user's again afterwards

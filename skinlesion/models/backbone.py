@@ -16,6 +16,7 @@ classifier would train from random init while the run says ``pretrained: true``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from timm.models.densenet import DenseNet, _filter_torchvision_pretrained
 from torch import nn
 
 from skinlesion.errors import ConfigError, WeightsError
+from skinlesion.models.hub import offline_unless_reachable
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -68,7 +70,8 @@ def create_backbone(spec: BackboneSpec, num_classes: int) -> nn.Module:
     if not timm.is_model(spec.timm_name):
         raise ConfigError(f"model.timm_name={spec.timm_name}: timm has no such model (see timm.list_models())")
     try:
-        model = timm.create_model(spec.timm_name, pretrained=pretrained, **kwargs)
+        with offline_unless_reachable() if pretrained else nullcontext():
+            model = timm.create_model(spec.timm_name, pretrained=pretrained, **kwargs)
     except Exception as err:  # the hub loader raises network, HTTP, cache and key errors
         if pretrained:
             raise WeightsError(
