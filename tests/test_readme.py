@@ -168,7 +168,7 @@ class Workspace:
             )
             GlobalHydra.instance().clear()
             with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-                cfg = compose(config_name=tool, overrides=[*args, "device=cpu", f"paths.output_dir={out}"])
+                cfg = compose(config_name=tool, overrides=[*args, f"paths.output_dir={out}"])
             TOOLS[tool](cfg)
         elif tool == "report":
             self.run("python", "-m", module, *args)
