@@ -9,6 +9,10 @@ class DataError(SkinLesionError):
     """The dataset on disk is missing, malformed or cannot be split as asked."""
 
 
+class SplitChangedError(DataError):
+    """The data folder no longer gives the split a run was trained and tested on (its split.csv)."""
+
+
 class ConfigError(SkinLesionError):
     """A setting is invalid or inconsistent with another one."""
 

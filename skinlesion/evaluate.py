@@ -31,7 +31,7 @@ from skinlesion.calibration import expected_calibration_error, plot_reliability
 from skinlesion.config import CONFIG_PACKAGE, to_plain
 from skinlesion.data.datamodule import SPLIT_FILE, SkinLesionDataModule
 from skinlesion.data.preprocessing import Preprocessing
-from skinlesion.data.splits import check_disjoint
+from skinlesion.data.splits import check_disjoint, check_same_split
 from skinlesion.ensemble import ENSEMBLE, ensemble_checkpoints, member_names
 from skinlesion.errors import CheckpointError, ConfigError, DataError
 from skinlesion.inference import InferenceModel, resolve_device
@@ -176,15 +176,21 @@ def predict(
     return Predictions(torch.cat(probs)[order], torch.cat(labels)[order], indices_t[order])
 
 
+def run_split_file(member: InferenceModel) -> Path | None:
+    """The ``split.csv`` of the run folder the checkpoint sits in (None, with a warning, when it was moved)."""
+    split_file = member.path.parent.parent / SPLIT_FILE
+    if member.path.parent.name != CHECKPOINT_DIR or not split_file.is_file():
+        log.warning("%s: no %s beside the checkpoint; its split was not checked", member.path, SPLIT_FILE)
+        return None
+    return split_file
+
+
 def check_external_unseen(members: dict[str, InferenceModel], external: pd.DataFrame, source: str) -> None:
     """An external test set must hold no image or lesion a member learned from (its run's split.csv says which)."""
-    for name, member in members.items():
-        split_file = member.path.parent.parent / SPLIT_FILE
-        if member.path.parent.name != CHECKPOINT_DIR or not split_file.is_file():
-            log.warning("%s: no %s beside the checkpoint; overlap with its training data not checked", name, SPLIT_FILE)
-            continue
-        seen = pd.read_csv(split_file, dtype={"image_id": str, "lesion_id": str}, keep_default_na=False)
-        check_disjoint(seen[seen["split"] != "test"], external, f"{source} (against {split_file})")
+    for member in members.values():
+        if (split_file := run_split_file(member)) is not None:
+            seen = pd.read_csv(split_file, dtype={"image_id": str, "lesion_id": str}, keep_default_na=False)
+            check_disjoint(seen[seen["split"] != "test"], external, f"{source} (against {split_file})")
 
 
 def predict_members(
@@ -199,6 +205,10 @@ def predict_members(
     records = next(iter(datamodules.values())).records
     if split == "test" and settings.get("test_set"):  # checked before minutes of predicting
         check_external_unseen(members, records, str(settings["test_set"]["root"]))
+    else:  # the run's own val/test: the data folder must still give the split each member was tested on
+        for member in members.values():
+            if (split_file := run_split_file(member)) is not None:
+                check_same_split(datamodules[member.model.preprocessing].records, split_file)
     results = {}
     for name, member in members.items():
         results[name] = predict(member.model, datamodules[member.model.preprocessing], split, device, views, calibrated)

@@ -32,8 +32,9 @@ from skinlesion.calibration import fit_temperature, write_calibration
 from skinlesion.callbacks.history import TrainingHistory
 from skinlesion.checkpoints import check_backbone, read_checkpoint
 from skinlesion.config import CONFIG_PACKAGE
-from skinlesion.data.datamodule import SkinLesionDataModule
+from skinlesion.data.datamodule import SPLIT_FILE, SkinLesionDataModule
 from skinlesion.data.layouts import load_records
+from skinlesion.data.splits import check_same_split
 from skinlesion.errors import CheckpointError, ConfigError
 from skinlesion.gradcam import check_method, write_validation_gallery
 from skinlesion.models.backbone import count_parameters
@@ -143,6 +144,8 @@ def train(cfg: DictConfig) -> dict:
         check_settings(cfg, TrainSettings)
         ckpt_path = _resume_path(cfg, run_dir)
         changes = check_resume(cfg, run_dir) if ckpt_path and resumed_folder else None
+        if changes is not None and (run_dir / SPLIT_FILE).is_file():
+            _check_resumed_split(cfg, run_dir / SPLIT_FILE)
     except Exception as err:
         if rank_zero_only.rank == 0 and not resumed_folder:  # a refused resume leaves that run's folder alone
             _record_failure(run_dir, cfg, err)
@@ -155,12 +158,17 @@ def train(cfg: DictConfig) -> dict:
         raise
 
 
+def _check_resumed_split(cfg: DictConfig, split_file: Path) -> None:
+    """The data must still give the run's split (listing and splitting only: nothing decoded or cached)."""
+    datamodule: SkinLesionDataModule = instantiate(cfg.data, cache={"enabled": False})
+    records = datamodule.read_records()
+    records["split"] = datamodule.assign_split(records)
+    check_same_split(records, split_file)
+
+
 def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes: dict | None) -> dict:
-    if rank_zero_only.rank == 0:
-        if resume_changes is not None:  # config.yaml keeps the settings the run was started with
-            record_resume(run_dir, str(ckpt_path), resume_changes, _resume_overrides(run_dir))
-        else:
-            write_resolved_config(cfg, run_dir)
+    if rank_zero_only.rank == 0 and resume_changes is None:  # a resumed run keeps its config.yaml
+        write_resolved_config(cfg, run_dir)
     if cfg.data.get("synthetic") is None:  # a missing dataset fails here, before any model is built
         load_records(cfg.data.root, cfg.data.layout, cfg.data.subset)
     if cfg.gallery.enabled:
@@ -182,6 +190,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if rank_zero_only.rank == 0 and resume_changes is not None:  # after the data was found unchanged
+        record_resume(run_dir, str(ckpt_path), resume_changes, _resume_overrides(run_dir))
     fit_time = time.perf_counter() - start
     history = next((c for c in callbacks if isinstance(c, TrainingHistory)), None)
     last_epoch = dict(history.rows[-1]) if history and history.rows else {}

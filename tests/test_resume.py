@@ -51,7 +51,8 @@ def test_resume_with_only_the_checkpoint_continues_the_run_with_its_own_settings
     assert metrics["status"] == "completed" and metrics["epochs"] == 3
     (resume,) = json.loads((finished_run / "resumes.json").read_text())
     assert resume["overrides"] == ["trainer.max_epochs=3"]
-    assert resume["changes"] == {"trainer.max_epochs": {"from": 2, "to": 3}}
+    assert resume["changes"].pop("trainer.max_epochs") == {"from": 2, "to": 3}
+    assert all(str(finished_run) in change["to"] for change in resume["changes"].values())  # the copy's folders
 
     # Later: `ckpt_path=last` from inside the run folder replays the raised epoch count too.
     again = run_user(finished_run, "python", "-m", "skinlesion.train", "ckpt_path=last", "trainer.max_epochs=4")
@@ -72,4 +73,33 @@ def test_resume_with_settings_that_change_the_training_is_refused_and_touches_no
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert "data.image_size: 32 -> 64" in line and "optimizer.lr: 0.001 -> 0.5" in line
     assert "Traceback" not in result.stderr
+    assert folder_digest(finished_run) == before
+
+
+@pytest.fixture
+def one_image_fewer(trained_once: Path):
+    """The run's data folder with one listed image dropped from its metadata (restored afterwards)."""
+    (metadata,) = (trained_once.parents[3] / "data" / "synthetic").glob("*/HAM10000_metadata.csv")
+    original = metadata.read_text()
+    lines = original.splitlines(keepends=True)
+    metadata.write_text("".join(lines[:1] + lines[2:]))
+    yield
+    metadata.write_text(original)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["resume", "evaluate"])
+def test_a_run_whose_data_changed_is_neither_resumed_nor_evaluated(
+    finished_run: Path, one_image_fewer: None, command: str
+) -> None:
+    """Its split would be rebuilt from the data as it is now: val/test would not be the images it was tested on."""
+    before = folder_digest(finished_run)
+    if command == "resume":
+        args = ["skinlesion.train", f"ckpt_path={finished_run / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=3"]
+    else:
+        args = ["skinlesion.evaluate", f"ckpt_path={finished_run / 'checkpoints' / 'best.ckpt'}"]
+    result = run_user(finished_run.parent, "python", "-m", *args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "no longer gives the split" in line and "1 image(s) missing" in line, line
     assert folder_digest(finished_run) == before

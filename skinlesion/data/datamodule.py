@@ -30,7 +30,7 @@ from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.images import DEFAULT_MAX_PIXELS
 from skinlesion.data.layouts import load_records
 from skinlesion.data.preprocessing import Preprocessing
-from skinlesion.data.splits import assign_splits, check_disjoint, check_split_settings
+from skinlesion.data.splits import assign_splits, check_disjoint, check_same_split, check_split_settings
 from skinlesion.data.transforms import check_augment, eval_transform, train_transform
 from skinlesion.errors import ConfigError
 from skinlesion.labels import CLASSES, NUM_CLASSES
@@ -283,7 +283,10 @@ class SkinLesionDataModule(L.LightningDataModule):
         if self.output_dir is None:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_csv(self.records[SPLIT_COLUMNS], self.output_dir / SPLIT_FILE)
+        split_file = self.output_dir / SPLIT_FILE
+        if split_file.is_file():  # a resumed run: its split must be the one it was started on
+            check_same_split(self.records, split_file)
+        write_csv(self.records[SPLIT_COLUMNS], split_file)
         if self.skipped is not None and not self.skipped.empty:
             write_csv(self.skipped, self.output_dir / SKIPPED_FILE)
 

@@ -13,12 +13,13 @@ labels and the seed: never on row order, file paths or the machine.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from skinlesion.errors import ConfigError, DataError
+from skinlesion.errors import SplitChangedError, ConfigError, DataError
 from skinlesion.labels import CLASSES
 
 log = logging.getLogger(__name__)
@@ -149,3 +150,29 @@ def _warn_missing_classes(records: pd.DataFrame, split: pd.Series) -> None:
         have = set(records.loc[split == name, "label"])
         if have and present - have:
             log.warning("the %s split has no %s images", name, ", ".join(CLASSES[c] for c in sorted(present - have)))
+
+
+def check_same_split(records: pd.DataFrame, split_file: Path) -> None:
+    """Refuse records whose split differs from a run's ``split.csv``: images added to the data folder, images
+    gone, or images in another split now would make "test" metrics partly training images."""
+    saved = pd.read_csv(split_file, dtype={"image_id": str}, keep_default_na=False)
+    main_saved = saved[saved["source"] == "main"] if "source" in saved else saved
+    main_now = records[records["source"] == "main"] if "source" in records else records
+    merged = main_saved[["image_id", "split"]].merge(
+        main_now[["image_id", "split"]], on="image_id", how="outer", suffixes=("_run", "_now"), indicator=True
+    )
+    problems = []
+    for label, rows, column in (
+        ("added since the run", merged[merged["_merge"] == "right_only"], "split_now"),
+        ("missing", merged[merged["_merge"] == "left_only"], "split_run"),
+        ("in another split now", merged[(merged["_merge"] == "both") & (merged["split_run"] != merged["split_now"])],
+         "split_run"),
+    ):  # fmt: skip
+        if not rows.empty:
+            counts = ", ".join(f"{split} {n}" for split, n in rows[column].value_counts().sort_index().items())
+            problems.append(f"{len(rows)} image(s) {label} ({counts})")
+    if problems:
+        raise SplitChangedError(
+            f"the data no longer gives the split in {split_file}: {'; '.join(problems)}. Its val/test images would "
+            "not be the ones the run was tested on; restore the data folder as it was for this run"
+        )
