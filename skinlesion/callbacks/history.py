@@ -15,7 +15,7 @@ import pandas as pd
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from skinlesion.models.backbone import count_parameters
+from skinlesion.models.backbone import backbone_parameters, count_parameters
 from skinlesion.plots import plot_training_curves
 
 HISTORY_FILE = "history.csv"
@@ -70,6 +70,9 @@ class TrainingHistory(Callback):
         for group in trainer.optimizers[0].param_groups:
             row[f"lr/{group.get('name', 'group')}"] = group["lr"]
         row["trainable_params"] = count_parameters(pl_module)[1]
+        backbone = backbone_parameters(pl_module.backbone)  # the share stage 2 unfroze (0 in stage 1)
+        trained = sum(p.numel() for p in backbone if p.requires_grad)
+        row["trainable_backbone_share"] = round(trained / sum(p.numel() for p in backbone), 4)
         # Lightning keeps the last validation's values in callback_metrics until the next one.
         splits = ("train/", "val/") if self._validated else ("train/",)
         row |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(splits)}
