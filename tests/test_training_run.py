@@ -69,6 +69,13 @@ def test_metrics_json_holds_best_and_final_metrics(tiny_run: tuple[dict, Path]) 
     assert saved["params_total"] == sum(p.numel() for p in model.parameters())
     assert saved["params_trainable"] == trainable == history["trainable_params"].iloc[-1]
     assert history["trainable_params"].iloc[0] == 1280 * 7 + 7  # stage 1: the head alone
+    stages = saved["finetune"]  # what each stage trained, as the sweep report shows it
+    assert stages["rule"] == "num_blocks=1" and stages["stage1_trainable_params"] == 1280 * 7 + 7
+    assert stages["stage2_trainable_params"] == trainable and stages["stage2_blocks"] == 1
+    share = (trainable - 1280 * 7 - 7) / stages["backbone_params"]
+    assert stages["stage2_backbone_share"] == pytest.approx(share, abs=1e-4)
+    assert list(history["trainable_backbone_share"]) == [0.0, pytest.approx(share, abs=1e-4)]
+    assert saved["weights"] == "random (from scratch)"
     assert saved["train_time_s"] == pytest.approx(history["epoch_time_s"].sum(), abs=0.02)
     assert saved["train_images_per_s"] > 0
     assert (run / "checkpoints" / "last.ckpt").is_file()
