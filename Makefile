@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the package with dev tools (no-op when up to date)
 
-demo: install ## train + evaluate MobileNetV2 on the embedded synthetic data (CPU, a few minutes)
+demo: install ## both stages on real ImageNet weights (EfficientNet-Lite0, offline) on the embedded synthetic data (CPU, a few minutes)
 	$(PY) -m skinlesion.train experiment=demo $(ARGS)
 
 test: install ## the whole test suite (what CI runs)

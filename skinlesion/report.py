@@ -51,7 +51,8 @@ NOT_FINISHED = "no metrics.json: the job was killed before it finished, or is st
 RECALLS = tuple(f"recall_{c}" for c in CLASSES)
 # Averaged over seeds; the first ones also get a ±std column.
 SCORES = (*HEADLINE_METRICS, *RECALLS, "val_loss", "epochs", "train_time_s", "images_per_s")
-CONSTANTS = ("image_size", "params_m")
+# What stage 2 trained: its share of the backbone's parameters and their count (the fairness check).
+CONSTANTS = ("image_size", "params_m", "stage2_share", "stage2_params_m")
 LOWER_IS_BETTER = ("loss", "nll", "ece", "time")
 INTEGERS = ("rank", "image_size", "epochs", "runs", "seed")
 HEADERS = {
@@ -60,6 +61,8 @@ HEADERS = {
     "config": "config",
     "image_size": "input",
     "params_m": "params (M)",
+    "stage2_share": "stage-2 share",
+    "stage2_params_m": "stage-2 params (M)",
     "split": "split",
     "acc": "acc",
     "top3_acc": "top-3",
@@ -137,11 +140,14 @@ def run_row(run: Path, root: Path, prefer: str | None = None) -> dict[str, Any]:
     if row["status"] != "completed":
         return row | {"error": data.get("error", "unknown error")}
     metrics = data.get("metrics", {})
+    stages = data.get("finetune") or {}  # runs written before the stage-2 share was recorded have none
     split = pick_split(metrics, prefer)
     row |= {
         "split": split,
         "image_size": data.get("image_size"),
         "params_m": data["params_total"] / 1e6 if data.get("params_total") else None,
+        "stage2_share": stages.get("stage2_backbone_share"),
+        "stage2_params_m": stages["stage2_backbone_params"] / 1e6 if stages.get("stage2_backbone_params") else None,
         **{name: metrics.get(f"{split}/{name}") for name in (*HEADLINE_METRICS, *RECALLS, *INTERVALS)},
         "val_loss": metrics.get("val/loss"),  # of the reported (best) weights
         "epochs": data.get("epochs"),
@@ -307,7 +313,7 @@ def _cell(row: pd.Series, name: str) -> str:
     has_std = isinstance(std, float) and not math.isnan(std)
     if name in INTEGERS and value.is_integer() and not has_std:
         return str(int(value))
-    digits = 1 if name in ("train_time_s", "images_per_s", "params_m", *INTEGERS) else 4
+    digits = 1 if name in ("train_time_s", "images_per_s", "params_m", "stage2_params_m", *INTEGERS) else 4
     return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if has_std else "")
 
 
@@ -382,6 +388,19 @@ def _certainty_section(done: pd.DataFrame, metric: str, names: list[str]) -> lis
     return [*lines, ""]
 
 
+def _fairness_line(done: pd.DataFrame) -> list[str]:
+    """How far apart the stage-2 shares are: a comparison is fair when every backbone trained alike."""
+    shares = pd.to_numeric(done["stage2_share"], errors="coerce").dropna()
+    if shares.empty:
+        return []
+    return [
+        f"Stage 2 trained {shares.min():.1%} to {shares.max():.1%} of each backbone's parameters (a spread of "
+        f"{100 * (shares.max() - shares.min()):.1f} points; `stage-2 share`, from `finetune` in each run's "
+        "metrics.json).",
+        "",
+    ]
+
+
 def summary_markdown(report: Report, rank_by: str) -> str:
     summary, runs = report.summary, report.runs
     done = summary[summary["status"] == "completed"]
@@ -400,9 +419,10 @@ def summary_markdown(report: Report, rank_by: str) -> str:
     ]
     if not done.empty:
         names = ["rank", "backbone", *(["config"] if done["config"].str.len().any() else [])]
-        columns = [*names, "image_size", "params_m", "split", *HEADLINE_METRICS, "val_loss", "epochs"]
-        columns += ["train_time_s", "images_per_s", "runs"]
+        columns = [*names, "image_size", "params_m", "stage2_share", "stage2_params_m", "split", *HEADLINE_METRICS]
+        columns += ["val_loss", "epochs", "train_time_s", "images_per_s", "runs"]
         lines += [_markdown_table(done, columns, HEADERS), ""]
+        lines += _fairness_line(done)
         lines += _certainty_section(done, metric, names)
         lines += ["## Recall per class", ""]
         recall_headers = {r: r.removeprefix("recall_") for r in RECALLS}

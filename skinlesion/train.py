@@ -38,6 +38,7 @@ from skinlesion.data.splits import check_same_split
 from skinlesion.errors import CheckpointError, ConfigError
 from skinlesion.gradcam import check_method, write_validation_gallery
 from skinlesion.models.backbone import count_parameters
+from skinlesion.models.converted import describe_weights
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.resume import check_resume, record_resume, replayed_overrides, resume_arguments
 from skinlesion.runs import (
@@ -220,6 +221,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
         "backbone": cfg.model.name,
         "timm_name": cfg.model.timm_name,
         "pretrained": bool(cfg.model.pretrained or cfg.model.weights),
+        "weights": describe_weights(cfg.model.timm_name, cfg.model.weights, cfg.model.pretrained),
         "image_size": module.preprocessing.image_size,
         "seed": cfg.seed,
         "monitor": cfg.monitor,
@@ -229,6 +231,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
         "epochs": trainer.current_epoch,
         "params_total": total,
         "params_trainable": trainable,
+        "finetune": finetune.describe(module),  # what each stage trained: the stage-2 share of the backbone
         "train_time_s": round(history.train_time_s, 2) if history else None,
         "fit_time_s": round(fit_time, 2),
         "train_images_per_s": round(history.images_per_s, 1) if history else None,
@@ -296,8 +299,17 @@ def _print_summary(summary: dict) -> None:
         if f"{split}/{name}" in metrics
     )
     plots = ", ".join(sorted(p.name for p in run.glob("*.png")))
+    stages = summary["finetune"]
+    stage2 = (
+        f"stage 2 ({stages['rule']}) {stages['stage2_trainable_params']:,} ({stages['stage2_backbone_share']:.1%} of "
+        f"the backbone's {stages['backbone_params']:,}) from epoch {stages['unfreeze_at_epoch']}"
+        if stages["stage2_trainable_params"] is not None
+        else "no stage 2 (head only)"
+    )
     print(
         f"\n{summary['backbone']}: {split} {headline}\n"
+        f"  weights      {summary['weights']}\n"
+        f"  trained      stage 1 (new head) {stages['stage1_trainable_params']:,} parameters; {stage2}\n"
         f"  run folder   {run}\n"
         f"  metrics      {run / METRICS_FILE}\n"
         f"  checkpoint   {summary['best_checkpoint']}\n"

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
-from skinlesion.callbacks.finetune import TwoStageFinetuning, auto_unfreeze_epoch
+from skinlesion.callbacks.finetune import TwoStageFinetuning, auto_unfreeze_epoch, blocks_for_share
 from skinlesion.errors import ConfigError
 from skinlesion.models.module import SkinLesionClassifier
 
@@ -25,10 +25,10 @@ from conftest import compose_config
 HEAD_LR, BACKBONE_LR = 1e-3, 1e-4
 # Per backbone: input size, width of the features the head sees, and the modules of its last block.
 BACKBONES = {
-    "resnet50": (32, 2048, ["layer4"]),
-    "densenet121": (32, 1024, ["features.denseblock4", "features.norm5"]),
-    "mobilenetv2": (32, 1280, ["blocks.6", "conv_head", "bn2"]),
-    "efficientnet_b0": (32, 1280, ["blocks.6", "conv_head", "bn2"]),
+    "resnet50": (32, 2048, ["layer4.2"]),
+    "densenet121": (32, 1024, ["features.norm5"]),
+    "mobilenetv2": (32, 1280, ["conv_head", "bn2"]),
+    "efficientnet_b0": (32, 1280, ["conv_head", "bn2"]),
     "inception_v3": (75, 2048, ["Mixed_7c"]),
 }
 
@@ -145,6 +145,53 @@ def test_one_step_changes_only_trainable_weights_and_frozen_bn_statistics_stay(
     assert frozen_bn > 0 and unfrozen_bn > 0
 
 
+def test_default_share_trains_the_same_part_of_every_backbone(classifier: SkinLesionClassifier) -> None:
+    """Within 2.5 points of the 70% target, so any two of the five are within 5 points of each other."""
+    cfg = compose_config("train", [f"model={classifier.spec.name}"])
+    callback = instantiate(cfg.finetune)
+    assert (callback.share, callback.num_blocks) == (0.7, None)  # the default recipe
+    callback.check(classifier, max_epochs=15)  # stage 2 from epoch 5
+    classifier.train()
+    callback.apply(classifier, 10)
+    model = classifier.backbone
+    backbone = numel(model) - numel(model.get_classifier())
+    trained = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) - numel(model.get_classifier())
+    stages = callback.describe(classifier)
+    assert stages["stage2_backbone_params"] == trained and stages["backbone_params"] == backbone
+    assert stages["stage2_backbone_share"] == pytest.approx(trained / backbone, abs=1e-4)
+    assert abs(trained / backbone - 0.7) <= 0.025, f"{classifier.spec.name}: {trained / backbone:.3f}"
+    assert stages["stage1_trainable_params"] == numel(model.get_classifier())
+    blocks = classifier.blocks()  # whole blocks, counted from the end
+    unfrozen = callback._blocks_to_unfreeze(classifier)
+    assert unfrozen == blocks[-len(unfrozen) :] and 1 < len(unfrozen) < len(blocks)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "share", "expected"),
+    [
+        ([1, 1, 1, 1], 0.5, 2),
+        ([1, 1, 1, 1], 1.0, 4),
+        ([1, 1, 1, 1], 0.01, 1),
+        ([6, 1, 3], 0.3, 1),
+        ([6, 1, 3], 0.35, 1),
+    ],
+)
+def test_share_picks_the_closest_number_of_last_blocks(sizes: list[int], share: float, expected: int) -> None:
+    assert blocks_for_share(sizes, share) == expected
+
+
+def test_num_blocks_still_asks_for_the_last_n_blocks_explicitly() -> None:
+    module = build("mobilenetv2").train()
+    callback = TwoStageFinetuning(unfreeze_at_epoch=1, num_blocks=3)
+    callback.apply(module, 1)
+    assert callback.rule == "num_blocks=3" and callback.share is None
+    assert {n.split(".")[0] + "." + n.split(".")[1] for n in trainable_names(module) if n.startswith("blocks")} == {
+        "blocks.6",
+        "blocks.5",
+    }  # blocks.5.2, blocks.6.0 and the head conv
+    assert callback.describe(module)["stage2_blocks"] == 3
+
+
 # ---- BatchNorm policies and settings (MobileNetV2) --------------------------------------------------
 def bn_modes(module: SkinLesionClassifier) -> dict[str, bool]:
     return {n: m.training for n, m in module.backbone.named_modules() if isinstance(m, _BatchNorm)}
@@ -158,7 +205,7 @@ def test_batchnorm_policies(policy: str, last_block_bn_train: bool, other_bn_tra
     module = build("mobilenetv2").train()
     TwoStageFinetuning(unfreeze_at_epoch=1, num_blocks=1, bn=policy).apply(module, 1)
     for name, training in bn_modes(module).items():
-        in_last = name.startswith(("blocks.6", "bn2"))
+        in_last = name == "bn2"  # the last block: the 1x1 head conv and its BatchNorm
         assert training == (last_block_bn_train if in_last else other_bn_train), name
 
 
@@ -168,6 +215,8 @@ def test_batchnorm_policies(policy: str, last_block_bn_train: bool, other_bn_tra
         ({"bn": "sometimes"}, "finetune.bn='sometimes' is not valid"),
         ({"unfreeze_at_epoch": -1}, "finetune.unfreeze_at_epoch=-1 must be"),
         ({"num_blocks": 0}, "finetune.num_blocks=0 must be"),
+        ({"share": 0.0}, r"finetune.share=0.0 must be a fraction"),
+        ({"share": 1.5}, r"finetune.share=1.5 must be a fraction"),
     ],
 )
 def test_invalid_callback_settings(settings: dict, message: str) -> None:
@@ -295,7 +344,7 @@ def test_resume_before_and_after_the_unfreeze_epoch_restores_the_trainable_set(t
     ("settings", "message"),
     [
         ({"unfreeze_at_epoch": 3}, r"unfreeze_at_epoch=3 is at or past trainer.max_epochs=3"),
-        ({"num_blocks": 9}, r"num_blocks=9 but mobilenetv2 has 8 blocks"),
+        ({"num_blocks": 20}, r"num_blocks=20 but mobilenetv2 has 19 blocks"),
     ],
 )
 def test_settings_that_cannot_work_stop_before_training(tmp_path: Path, settings: dict, message: str) -> None:

@@ -21,7 +21,9 @@ def five_backbone_sweep(
     tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path, cache_dir: Path
 ) -> tuple[subprocess.CompletedProcess, Path]:
     home = tmp_path_factory.mktemp("sweep")
-    args = [*sweep_overrides(home, synthetic_root, cache_dir), *ONE_EPOCH, "data.image_size=75"]
+    # The default stage 2 (finetune.share), reached in a second epoch, so every run records what it trained.
+    stage2 = ["trainer.max_epochs=2", "finetune.unfreeze_at_epoch=1", "finetune.num_blocks=null"]
+    args = [*sweep_overrides(home, synthetic_root, cache_dir), *ONE_EPOCH, "data.image_size=75", *stage2]
     result = run_cli(home, "skinlesion.train", "-m", f"model={','.join(BACKBONES)}", *args)
     return result, only_sweep(home)
 
@@ -42,18 +44,25 @@ def test_sweep_over_the_five_backbones_reports_every_run(five_backbone_sweep) ->
         row, line = summary.loc[saved["backbone"]], table.loc[run.name]
         assert row["runs"] == 1 and row["split"] == "test" and row["image_size"] == 75
         assert row["params_m"] == pytest.approx(saved["params_total"] / 1e6)
-        assert row["epochs"] == saved["epochs"] == 1
+        assert row["epochs"] == saved["epochs"] == 2
+        stages = saved["finetune"]
+        assert stages["rule"] == "share=0.7" and row["stage2_share"] == pytest.approx(stages["stage2_backbone_share"])
+        assert row["stage2_params_m"] == pytest.approx(stages["stage2_backbone_params"] / 1e6)
+        history = pd.read_csv(run / "history.csv")
+        assert list(history["trainable_backbone_share"]) == [0.0, pytest.approx(stages["stage2_backbone_share"])]
         assert row["train_time_s"] == pytest.approx(saved["train_time_s"])
         assert row["images_per_s"] == pytest.approx(saved["train_images_per_s"])
         for metric in ("acc", "top3_acc", "balanced_acc", "f1_macro", "auroc_macro", *(f"recall_{c}" for c in CLASSES)):
             assert row[metric] == pytest.approx(saved["metrics"][f"test/{metric}"]), metric
             assert line[metric] == pytest.approx(saved["metrics"][f"test/{metric}"]), metric
+    assert summary["stage2_share"].max() - summary["stage2_share"].min() <= 0.05  # a fair comparison
     ranked = summary.sort_values("rank")
     assert list(ranked["rank"]) == [1, 2, 3, 4, 5]
     assert list(ranked["balanced_acc"]) == sorted(summary["balanced_acc"], reverse=True)
 
     markdown = (sweep / "summary.md").read_text()
     assert all(f"| {name} |" in markdown for name in BACKBONES)
+    assert "stage-2 share" in markdown and "Stage 2 trained 68.4% to 72.2% of each backbone's parameters" in markdown
     for plot in ("summary_metrics.png", "summary_confusion.png", "summary_roc.png"):
         assert (sweep / plot).stat().st_size > 10_000, plot
 

@@ -64,11 +64,18 @@ def test_metrics_json_holds_best_and_final_metrics(tiny_run: tuple[dict, Path]) 
     assert saved["metrics"]["val/balanced_acc"] == pytest.approx(saved["best_score"], abs=1e-6)
 
     model = load_classifier(saved["best_checkpoint"]).backbone
-    last_block = ("blocks.6", "conv_head", "bn2", "classifier")  # finetune.num_blocks=1, plus the head
+    last_block = ("conv_head", "bn2", "classifier")  # finetune.num_blocks=1 (the head conv), plus the head
     trainable = sum(sum(p.numel() for p in model.get_submodule(m).parameters()) for m in last_block)
     assert saved["params_total"] == sum(p.numel() for p in model.parameters())
     assert saved["params_trainable"] == trainable == history["trainable_params"].iloc[-1]
     assert history["trainable_params"].iloc[0] == 1280 * 7 + 7  # stage 1: the head alone
+    stages = saved["finetune"]  # what each stage trained, as the sweep report shows it
+    assert stages["rule"] == "num_blocks=1" and stages["stage1_trainable_params"] == 1280 * 7 + 7
+    assert stages["stage2_trainable_params"] == trainable and stages["stage2_blocks"] == 1
+    share = (trainable - 1280 * 7 - 7) / stages["backbone_params"]
+    assert stages["stage2_backbone_share"] == pytest.approx(share, abs=1e-4)
+    assert list(history["trainable_backbone_share"]) == [0.0, pytest.approx(share, abs=1e-4)]
+    assert saved["weights"] == "random (from scratch)"
     assert saved["train_time_s"] == pytest.approx(history["epoch_time_s"].sum(), abs=0.02)
     assert saved["train_images_per_s"] > 0
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -175,7 +182,7 @@ def fails_early(cfg, error: type[Exception], pattern: str, run: Path) -> None:
     [
         (["model=inception_v3", "data.image_size=64"], r"image size 64 is too small for inception_v3"),
         (["finetune.unfreeze_at_epoch=2"], r"unfreeze_at_epoch=2 is at or past trainer\.max_epochs=2"),
-        (["finetune.num_blocks=9"], r"num_blocks=9 but mobilenetv2 has 8 blocks"),
+        (["finetune.num_blocks=20"], r"num_blocks=20 but mobilenetv2 has 19 blocks"),
     ],
 )
 def test_bad_settings_stop_early(

@@ -1,4 +1,4 @@
-"""python -m skinlesion.bench {data,train,overhead,all} [options]: speed is measured, not asserted."""
+"""python -m skinlesion.bench {data,train,overhead,stages,all} [options]: speed is measured, not asserted."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ SUITES = {
     "data": "skinlesion.bench.data",  # DataLoader images/s: decoded-image cache vs decode-per-epoch
     "train": "skinlesion.bench.training",  # train-step images/s per backbone, AMP / channels_last
     "overhead": "skinlesion.bench.overhead",  # Lightning Trainer vs a plain PyTorch loop
+    "stages": "skinlesion.bench.stages",  # train-step images/s per stage; what a frozen backbone could save
 }
 
 

@@ -1,5 +1,12 @@
 """The two-stage recipe as a callback: a new head on a frozen backbone, then the last blocks unfrozen.
 
+What stage 2 trains is the same for every backbone: the last ``share`` of the backbone's parameters
+(default 0.7), as the number of whole blocks, counted from the end, whose parameter share comes closest
+to it. The block lists (``conf/model/*.yaml``) are fine (bottlenecks, dense layers, inverted-residual
+blocks, mixed modules), so the five default backbones land within a few points of each other; "the
+last N blocks" (``num_blocks``) would unfreeze from half to nearly all of a backbone depending on how
+coarse its list is. ``num_blocks=N`` still asks for exactly that, explicitly.
+
 Which parameters train is a function of the epoch alone, applied at the start of every training epoch,
 so a run resumed from any checkpoint (before or after the unfreeze epoch) continues with the right set.
 Every parameter is in the optimiser from the first step (see :mod:`skinlesion.models.optim`):
@@ -16,6 +23,7 @@ and the right choice for random initial weights, which have no statistics worth 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import lightning as L
@@ -24,7 +32,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from skinlesion.errors import ConfigError
-from skinlesion.models.backbone import set_requires_grad
+from skinlesion.models.backbone import backbone_parameters, head_parameters, set_requires_grad
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +48,43 @@ def auto_unfreeze_epoch(max_epochs: int | None) -> int | None:
     return min(max_epochs - 1, max(1, round(max_epochs / 3)))
 
 
+def numel_params(params: list[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def numel(modules: list[nn.Module]) -> int:
+    """Parameters of some modules, each counted once."""
+    params = {id(p): p for module in modules for p in module.parameters()}
+    return sum(p.numel() for p in params.values())
+
+
+def blocks_for_share(sizes: list[int], share: float) -> int:
+    """How many blocks from the end hold the parameter share closest to ``share`` (the fewer on a tie)."""
+    total, cumulative, best, best_gap = sum(sizes), 0, 1, math.inf
+    for count, size in enumerate(reversed(sizes), start=1):
+        cumulative += size
+        gap = abs(cumulative / total - share)
+        if gap < best_gap - 1e-12:
+            best, best_gap = count, gap
+    return best
+
+
 class TwoStageFinetuning(Callback):
     def __init__(
         self,
         unfreeze_at_epoch: int | str | None = "auto",
-        num_blocks: int | str = 2,
+        num_blocks: int | str | None = None,
         backbone_lr: float = 1e-5,
         bn: str = "frozen_eval",
+        share: float | None = 0.7,
     ) -> None:
         """``unfreeze_at_epoch=0``: full fine-tuning from the start; ``None``: head only, never unfrozen;
         ``"auto"``: a third of ``trainer.max_epochs`` (at least one epoch of each stage; head only for a
         one-epoch run), so shortening a run never makes the recipe invalid.
 
-        ``num_blocks`` counts blocks from the end of the backbone; ``"all"`` unfreezes the whole backbone.
+        ``share``: stage 2 trains the last blocks holding this fraction of the backbone's parameters
+        (closest whole number of blocks). ``num_blocks``, when given, replaces it: that many blocks counted
+        from the end; ``"all"`` unfreezes the whole backbone.
         ``backbone_lr`` is the base learning rate of the backbone's param groups (the scheduler scales it
         like the head's); the callback sets it on the module before the optimiser is built.
         """
@@ -64,26 +96,65 @@ class TwoStageFinetuning(Callback):
             raise ConfigError(
                 f"finetune.unfreeze_at_epoch={unfreeze_at_epoch} must be an epoch >= 0, 'auto' or null (head only)"
             )
-        if num_blocks != "all" and (not isinstance(num_blocks, int) or num_blocks < 1):
-            raise ConfigError(f"finetune.num_blocks={num_blocks} must be a number of blocks >= 1 or 'all'")
+        if num_blocks not in (None, "all") and (not isinstance(num_blocks, int) or num_blocks < 1):
+            raise ConfigError(f"finetune.num_blocks={num_blocks} must be a number of blocks >= 1, 'all' or null")
+        if num_blocks is None and (not isinstance(share, int | float) or not 0 < share <= 1):
+            raise ConfigError(
+                f"finetune.share={share} must be a fraction of the backbone's parameters in (0, 1], "
+                "or give finetune.num_blocks=N (the last N blocks) or all"
+            )
         self.unfreeze_at_epoch = unfreeze_at_epoch
         self.num_blocks = num_blocks
+        self.share = None if num_blocks is not None else float(share)
         self.backbone_lr = float(backbone_lr)
         self.bn = bn
         self.unfrozen_at: int | None = None  # the epoch stage 2 began in this run (checkpointed)
 
     # ---- settings checks ---------------------------------------------------------------------------
     def _blocks_to_unfreeze(self, pl_module: L.LightningModule) -> list[list[nn.Module]]:
-        """The last ``num_blocks`` blocks; all of them for ``"all"`` or full fine-tuning (epoch 0)."""
+        """The last blocks by ``share`` or ``num_blocks``; all of them for ``"all"`` or full fine-tuning (epoch 0)."""
         blocks = pl_module.blocks()
         if self.num_blocks == "all" or self.unfreeze_at_epoch == 0:
             return blocks
+        if self.num_blocks is None:
+            return blocks[-blocks_for_share([numel(block) for block in blocks], self.share) :]
         if self.num_blocks > len(blocks):
             raise ConfigError(
                 f"finetune.num_blocks={self.num_blocks} but {pl_module.spec.name} has {len(blocks)} blocks "
-                f"({', '.join(str(b) for b in pl_module.spec.blocks)}); use 1..{len(blocks)} or 'all'"
+                f"(model.blocks in conf/model/{pl_module.spec.name}.yaml); use 1..{len(blocks)}, 'all', or "
+                "finetune.share"
             )
         return blocks[-self.num_blocks :]
+
+    @property
+    def rule(self) -> str:
+        """What was asked for stage 2, in the words of the config."""
+        if self.unfreeze_at_epoch is None:
+            return "head only"
+        if self.unfreeze_at_epoch == 0 or self.num_blocks == "all":
+            return "whole backbone"
+        return f"num_blocks={self.num_blocks}" if self.num_blocks is not None else f"share={self.share:g}"
+
+    def describe(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        """What each stage trains, in parameters, for ``metrics.json`` and the sweep report."""
+        backbone = numel_params(backbone_parameters(pl_module.backbone))
+        head = numel_params(head_parameters(pl_module.backbone))
+        blocks = pl_module.blocks()
+        stage2 = None if self.unfreeze_at_epoch is None else self._blocks_to_unfreeze(pl_module)
+        stage2_params = numel([m for block in stage2 for m in block]) if stage2 is not None else None
+        return {
+            "rule": self.rule,
+            "unfreeze_at_epoch": self.unfreeze_at_epoch,
+            "backbone_lr": self.backbone_lr,
+            "bn": self.bn,
+            "backbone_params": backbone,
+            "blocks": len(blocks),
+            "stage1_trainable_params": head,
+            "stage2_blocks": len(stage2) if stage2 is not None else None,
+            "stage2_backbone_params": stage2_params,
+            "stage2_backbone_share": round(stage2_params / backbone, 4) if stage2 is not None else None,
+            "stage2_trainable_params": stage2_params + head if stage2 is not None else None,
+        }
 
     def check(self, pl_module: L.LightningModule, max_epochs: int | None) -> None:
         """Fail on settings that cannot work; ``skinlesion.train`` calls it before any data is read."""
@@ -122,8 +193,12 @@ class TwoStageFinetuning(Callback):
             set_requires_grad(trainable, True)
             if self.unfrozen_at is None:
                 self.unfrozen_at = epoch
-                what = "all" if self.unfreeze_at_epoch == 0 else self.num_blocks
-                log.info("epoch %d: stage 2, %s backbone block(s) train at lr %g", epoch, what, self.backbone_lr)
+                blocks = self._blocks_to_unfreeze(pl_module)
+                share = numel(trainable) / numel_params(backbone_parameters(backbone))
+                log.info(
+                    "epoch %d: stage 2 (%s), the last %d of %d blocks (%.1f%% of the backbone) train at lr %g",
+                    epoch, self.rule, len(blocks), len(pl_module.blocks()), 100 * share, self.backbone_lr,
+                )  # fmt: skip
         self._apply_bn_policy(backbone, trainable)
 
     def _apply_bn_policy(self, backbone: nn.Module, trainable: list[nn.Module]) -> None:
@@ -141,6 +216,7 @@ class TwoStageFinetuning(Callback):
         return {
             "unfreeze_at_epoch": self.unfreeze_at_epoch,
             "num_blocks": self.num_blocks,
+            "share": self.share,
             "backbone_lr": self.backbone_lr,
             "bn": self.bn,
             "unfrozen_at": self.unfrozen_at,

@@ -17,7 +17,7 @@ import pandas as pd
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from skinlesion.models.backbone import count_parameters
+from skinlesion.models.backbone import backbone_parameters, count_parameters
 from skinlesion.plots import plot_training_curves
 
 log = logging.getLogger("skinlesion.epochs")
@@ -79,6 +79,9 @@ class TrainingHistory(Callback):
         )
         if stage is not None:
             row["stage"] = stage
+        backbone = backbone_parameters(pl_module.backbone)  # the share stage 2 unfroze (0 in stage 1)
+        trained = sum(p.numel() for p in backbone if p.requires_grad)
+        row["trainable_backbone_share"] = round(trained / sum(p.numel() for p in backbone), 4)
         # Lightning keeps the last validation's values in callback_metrics until the next one.
         splits = ("train/", "val/") if self._validated else ("train/",)
         row |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(splits)}

@@ -26,6 +26,7 @@ from timm.models.densenet import DenseNet, _filter_torchvision_pretrained
 from torch import nn
 
 from skinlesion.errors import ConfigError, WeightsError
+from skinlesion.models.converted import CONVERTED_PREFIX, converted_weights
 from skinlesion.models.hub import offline_unless_reachable
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -134,6 +135,8 @@ def load_weights_file(model: nn.Module, path: Path, spec: BackboneSpec) -> None:
 
 
 def _weights_file(spec: BackboneSpec) -> Path:
+    if spec.weights.startswith(CONVERTED_PREFIX):  # made from an installed package on first use
+        return converted_weights(spec.timm_name, spec.weights.removeprefix(CONVERTED_PREFIX))
     path = Path(spec.weights).expanduser()
     if not path.is_file():
         raise WeightsError(
@@ -154,11 +157,19 @@ def get_module(model: nn.Module, name: str, setting: str) -> nn.Module:
 
 
 def resolve_blocks(model: nn.Module, spec: BackboneSpec) -> list[list[nn.Module]]:
-    """The backbone's blocks in order (stem first), each a list of modules unfrozen together."""
+    """The backbone's blocks in order (stem first), each a list of modules unfrozen together.
+
+    An entry ``name.*`` stands for each child of ``name`` as a block of its own (ResNet bottlenecks,
+    dense layers, inverted-residual blocks), so the YAML stays short while the blocks stay fine.
+    """
+    setting = f"model.blocks of {spec.name}"
     blocks = []
     for entry in spec.blocks:
+        if isinstance(entry, str) and entry.endswith(".*"):
+            blocks.extend([child] for child in get_module(model, entry[:-2], setting).children())
+            continue
         names = [entry] if isinstance(entry, str) else list(entry)
-        blocks.append([get_module(model, name, f"model.blocks of {spec.name}") for name in names])
+        blocks.append([get_module(model, name, setting) for name in names])
     return blocks
 
 
