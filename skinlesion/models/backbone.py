@@ -3,7 +3,8 @@
 A backbone's YAML (``conf/model/*.yaml``) names its timm model, the modules that count as its blocks
 for unfreezing (in order, stem first, together covering every backbone parameter once) and its Grad-CAM
 layer. ImageNet weights come from the Hugging Face hub (``pretrained=true``) or from a local
-``.safetensors``/``.pth`` file (``weights=PATH``).
+``.safetensors``/``.pth`` file (``weights=PATH``); ``weights=converted:PATH`` is such a file, made on first
+use from weights that ship in a pip package (:mod:`skinlesion.models.converted`).
 
 The model is first built with its ImageNet head so that the weights load *strictly*: with a different
 class count timm drops the classifier and loads non-strictly, which would silently accept a file of the
