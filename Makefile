@@ -4,10 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
+TEST_WORKERS ?= 2
 MODELS ?= resnet50,densenet121,mobilenetv2,efficientnet_b0,inception_v3
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format train sweep evaluate report bench clean clean-cache
+.PHONY: help install demo test test-all lint format train sweep evaluate report bench clean clean-cache
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -23,11 +24,11 @@ install: $(STAMP) ## create .venv and install the package with dev tools (no-op 
 demo: install ## both stages on real ImageNet weights (EfficientNet-Lite0, offline) on the embedded synthetic data (CPU, a few minutes)
 	$(PY) -m skinlesion.train experiment=demo $(ARGS)
 
-test: install ## the whole test suite (what CI runs)
-	$(PY) -m pytest $(ARGS)
+test: install ## the default suite, without the tests marked slow, on TEST_WORKERS processes (what CI runs)
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
-test-fast: install ## the suite without tests marked slow
-	$(PY) -m pytest -m "not slow" $(ARGS)
+test-all: install ## every test, the slow end-to-end ones included
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: install ## ruff lint and format check
 	$(PY) -m ruff check .

@@ -31,7 +31,7 @@ from skinlesion.calibration import expected_calibration_error, plot_reliability
 from skinlesion.config import CONFIG_PACKAGE, to_plain
 from skinlesion.data.datamodule import SPLIT_FILE, SkinLesionDataModule
 from skinlesion.data.preprocessing import Preprocessing
-from skinlesion.data.splits import check_disjoint, check_same_split
+from skinlesion.data.splits import check_disjoint, check_same_split, read_run_split
 from skinlesion.ensemble import ENSEMBLE, ensemble_checkpoints, member_names
 from skinlesion.errors import CheckpointError, ConfigError, DataError
 from skinlesion.inference import InferenceModel, resolve_device
@@ -104,6 +104,8 @@ def _check_settings(cfg: DictConfig) -> int:
     views = tta_views(cfg.tta, cfg.tta_views)
     if "_target_" in cfg.data and cfg.split != "test":
         raise ConfigError(f"data=<dataset> is evaluated as the test split; drop split={cfg.split}")
+    if cfg.split_from == "file" and ("_target_" in cfg.data or (cfg.split == "test" and cfg.data.test_set.root)):
+        raise ConfigError("split_from=file applies to a run's own val/test split, not to an external set; drop it")
     if cfg.ckpt_path and cfg.ensemble:
         raise ConfigError("pass either ckpt_path=... or ensemble=..., not both")
     if not cfg.ckpt_path and not cfg.ensemble:
@@ -142,12 +144,22 @@ def _check_same_split(members: dict[str, InferenceModel], settings: dict, split:
 
 
 # ---- predicting --------------------------------------------------------------------------------------
-def datamodule_for(settings: dict, preprocessing: Preprocessing, split: str) -> SkinLesionDataModule:
+def datamodule_for(
+    settings: dict, preprocessing: Preprocessing, split: str, split_file: Path | None = None
+) -> SkinLesionDataModule:
+    """The data of ``split`` as the model sees it; ``split_file``: that run's recorded split, not a rebuilt one.
+    A synthetic set is never generated here: a moved one must not be replaced by a new set."""
     settings = {**settings, "image_size": preprocessing.image_size}  # the model decides, not the training data config
     # An external test set is read on its own: evaluating a downloaded checkpoint on the ISIC 2018 test
     # set must not need the data it was trained on (nor spend minutes checking and caching it).
     external = split == "test" and bool(settings.get("test_set"))
-    datamodule = SkinLesionDataModule(**settings, preprocessing=preprocessing, test_set_only=external)
+    datamodule = SkinLesionDataModule(
+        **settings,
+        preprocessing=preprocessing,
+        test_set_only=external,
+        generate_synthetic=False,
+        split_file=str(split_file) if split_file else None,
+    )
     datamodule.setup("test")
     if split not in datamodule.datasets:
         hint = "data.split.test was 0 in training; use split=val or an external set (data.test_set.root=...)"
@@ -193,22 +205,53 @@ def check_external_unseen(members: dict[str, InferenceModel], external: pd.DataF
             check_disjoint(seen[seen["split"] != "test"], external, f"{source} (against {split_file})")
 
 
+def listed_split_file(members: dict[str, InferenceModel], split: str) -> Path:
+    """split_from=file: the one ``split.csv`` whose ``split`` images every member was scored on in training."""
+    files = {}
+    for name, member in members.items():
+        if (split_file := run_split_file(member)) is None:
+            raise DataError(f"split_from=file needs the run's {SPLIT_FILE} beside {name}'s checkpoints/ folder")
+        files[split_file] = set(read_run_split(split_file).query("split == @split")["image_id"])
+    first, *others = files
+    if any(files[other] != files[first] for other in others):
+        raise DataError(f"the members' {SPLIT_FILE} files list different {split} images; evaluate them one by one")
+    return first
+
+
 def predict_members(
-    members: dict[str, InferenceModel], settings: dict, split: str, device: torch.device, views: int, calibrated: bool
-) -> tuple[dict[str, Predictions], pd.DataFrame]:
-    """Each member's predictions on the same records; one DataModule per distinct preprocessing."""
+    members: dict[str, InferenceModel],
+    settings: dict,
+    split: str,
+    device: torch.device,
+    views: int,
+    calibrated: bool,
+    split_from: str = "data",
+) -> tuple[dict[str, Predictions], pd.DataFrame, dict]:
+    """Each member's predictions on the same records (one DataModule per distinct preprocessing), and how
+    the records were checked against the runs' ``split.csv``."""
+    external = split == "test" and bool(settings.get("test_set"))
+    listed = listed_split_file(members, split) if split_from == "file" and not external else None
     datamodules: dict[Preprocessing, SkinLesionDataModule] = {}
     for member in members.values():
         pre = member.model.preprocessing
         if pre not in datamodules:
-            datamodules[pre] = datamodule_for(settings, pre, split)
-    records = next(iter(datamodules.values())).records
-    if split == "test" and settings.get("test_set"):  # checked before minutes of predicting
+            datamodules[pre] = datamodule_for(settings, pre, split, listed)
+    first_datamodule = next(iter(datamodules.values()))
+    records = first_datamodule.records
+    if external:  # checked before minutes of predicting
         check_external_unseen(members, records, str(settings["test_set"]["root"]))
+        split_check = {"split_from": "external set", "checked_disjoint": True}
+    elif listed is not None:
+        split_check = first_datamodule.split_check
+        log.info("%s: %d of the %d listed images found, %d not listed left out", listed, split_check["found"],
+                 split_check["listed"], split_check["not_listed"])  # fmt: skip
     else:  # the run's own val/test: the data folder must still give the split each member was tested on
+        checked = []
         for member in members.values():
             if (split_file := run_split_file(member)) is not None:
                 check_same_split(datamodules[member.model.preprocessing].records, split_file)
+                checked.append(str(split_file))
+        split_check = {"split_from": "data", "same_as": checked}
     results = {}
     for name, member in members.items():
         results[name] = predict(member.model, datamodules[member.model.preprocessing], split, device, views, calibrated)
@@ -221,7 +264,7 @@ def predict_members(
         )
         if not (same_images and torch.equal(result.labels, first.labels)):
             raise DataError(f"ensemble member {name} saw other {split} images than {first_name}")
-    return results, records
+    return results, records, split_check
 
 
 # ---- the entry point ---------------------------------------------------------------------------------
@@ -284,7 +327,10 @@ def evaluate(cfg: DictConfig) -> dict:
     settings = data_settings(cfg, first.data)
     split = cfg.split
     _check_same_split(members, settings, split)
-    results, records = predict_members(members, settings, split, resolve_device(cfg.device), views, cfg.calibrated)
+    device = resolve_device(cfg.device)
+    results, records, split_check = predict_members(
+        members, settings, split, device, views, cfg.calibrated, cfg.split_from
+    )
     if len(members) > 1:
         reference = next(iter(results.values()))  # every member scored the same records, in the same order
         average = torch.stack([r.probs for r in results.values()]).mean(dim=0)
@@ -301,6 +347,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "split": split,
         "dataset": external or {k: settings.get(k) for k in ("root", "layout", "subset", "split")},
         "images": len(next(iter(results.values())).indices),
+        "split_check": split_check,  # how the images were matched to the runs' split.csv
         "tta_views": views,
         "calibrated": bool(cfg.calibrated),
         "ensemble": len(members) > 1,

@@ -152,6 +152,7 @@ class TrainSettings:
 class EvaluateSettings:
     data: LoaderSettings
     tta_views: TtaViews
+    split_from: Literal["data", "file"]
 
 
 @dataclass(frozen=True, kw_only=True, config=SCHEMA)

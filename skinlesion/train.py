@@ -161,7 +161,7 @@ def train(cfg: DictConfig) -> dict:
 
 def _check_resumed_split(cfg: DictConfig, split_file: Path) -> None:
     """The data must still give the run's split (listing and splitting only: nothing decoded or cached)."""
-    datamodule: SkinLesionDataModule = instantiate(cfg.data, cache={"enabled": False})
+    datamodule: SkinLesionDataModule = instantiate(cfg.data, cache={"enabled": False}, generate_synthetic=False)
     records = datamodule.read_records()
     records["split"] = datamodule.assign_split(records)
     check_same_split(records, split_file)
@@ -181,6 +181,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
         image_size=module.preprocessing.image_size,
         preprocessing=module.preprocessing,
         output_dir=str(run_dir),
+        generate_synthetic=resume_changes is None,  # a resumed run needs the very set it was started on
     )
     finetune = instantiate(cfg.finetune)
     callbacks = [*_instantiate_section(cfg.callbacks, "callbacks"), finetune]

@@ -118,6 +118,7 @@ def test_real_subset_missing_images_stop_the_run_by_default(ham_subset: Path, tm
     assert not (tmp_path / "cache").exists()  # nothing decoded before the error
 
 
+@pytest.mark.slow
 def test_real_subset_skips_the_missing_images_and_trains_one_epoch(ham_subset: Path, train_cfg, tmp_path) -> None:
     cfg = train_cfg(f"data.root={ham_subset}", "data.on_bad_image=skip", "data.batch_size=32")
     module = instantiate(cfg.module)

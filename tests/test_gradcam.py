@@ -185,6 +185,7 @@ def lesion_preference(model: InferenceModel, root: Path) -> pd.Series:
     return pd.Series(hotter).groupby(pd.Series(classes)).mean()
 
 
+@pytest.mark.slow
 def test_trained_heatmaps_look_at_the_lesion(localising_run: Path, off_centre_root: Path) -> None:
     """Averaged over classes: nv (2/3 of the images, as in HAM10000) can be recognised partly by the
     absence of the other classes' signs, and its heatmaps then sit on plain skin more often (seen: 42% to

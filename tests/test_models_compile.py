@@ -27,6 +27,7 @@ def build(*overrides: str) -> SkinLesionClassifier:
     return instantiate(cfg.module)
 
 
+@pytest.mark.slow
 def test_compiled_model_keeps_parameter_names_and_its_checkpoint_loads_uncompiled(tmp_path: Path) -> None:
     torch._dynamo.reset()
     compiled = build(EAGER)

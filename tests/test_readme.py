@@ -189,7 +189,6 @@ def test_the_readme_lists_the_commands_users_start_with() -> None:
     assert any(c.startswith("python -m skinlesion.train -m model=") for c in commands)
 
 
-@pytest.mark.slow
 def test_every_readme_command_works_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the in-process tools resolve their paths from the working folder, as users' do
     monkeypatch.delenv("SKINLESION_HOME", raising=False)

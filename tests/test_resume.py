@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -103,3 +104,67 @@ def test_a_run_whose_data_changed_is_neither_resumed_nor_evaluated(
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert "no longer gives the split" in line and "1 image(s) missing" in line, line
     assert folder_digest(finished_run) == before
+
+
+@pytest.mark.slow
+def test_evaluate_can_score_exactly_the_listed_images_that_still_exist(
+    trained_once: Path, finished_run: Path, one_image_fewer: None, tmp_path: Path
+) -> None:
+    listed = pd.read_csv(finished_run / "split.csv", dtype={"image_id": str})
+    (metadata,) = (trained_once.parents[3] / "data" / "synthetic").glob("*/HAM10000_metadata.csv")
+    gone = set(listed["image_id"]) - set(pd.read_csv(metadata, dtype={"image_id": str})["image_id"])
+    (gone_split,) = listed[listed["image_id"].isin(gone)]["split"]
+    split = "val" if gone_split == "val" else "test"
+    best = finished_run / "checkpoints" / "best.ckpt"
+    result = run_user(tmp_path, "python", "-m", "skinlesion.evaluate", f"ckpt_path={best}", f"split={split}",
+                      "split_from=file")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = (tmp_path / "outputs" / "evaluate" / "runs").iterdir()
+    summary = json.loads((folder / "metrics.json").read_text())
+    in_split = int((listed["split"] == split).sum())
+    assert summary["images"] == in_split - (gone_split == split)
+    check = summary["split_check"]
+    assert check["split_from"] == "file" and check["listed"] == len(listed) and check["found"] == len(listed) - 1
+    assert check["missing"] == {gone_split: 1} and check["not_listed"] == 0
+    scored = pd.read_csv(folder / f"predictions_{split}.csv", dtype={"image_id": str})["image_id"]
+    assert set(scored) == set(listed.query("split == @split")["image_id"]) - gone
+
+
+@pytest.fixture
+def data_moved(trained_once: Path):
+    """The run's synthetic data folder moved elsewhere (moved back afterwards)."""
+    (root,) = (trained_once.parents[3] / "data" / "synthetic").iterdir()
+    moved = root.with_name("moved")
+    root.rename(moved)
+    yield root
+    moved.rename(root)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["resume", "evaluate"])
+def test_a_run_whose_synthetic_data_moved_gets_no_new_set_in_its_place(
+    finished_run: Path, data_moved: Path, command: str
+) -> None:
+    before = folder_digest(finished_run)
+    if command == "resume":
+        args = ["skinlesion.train", f"ckpt_path={finished_run / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=3"]
+    else:
+        args = ["skinlesion.evaluate", f"ckpt_path={finished_run / 'checkpoints' / 'best.ckpt'}"]
+    result = run_user(finished_run.parent, "python", "-m", *args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"no synthetic dataset at data.root={data_moved}" in line and "only training generates one" in line
+    assert not data_moved.exists() and not data_moved.with_name(data_moved.name + ".partial").exists()
+    assert folder_digest(finished_run) == before
+
+
+def test_training_refuses_to_generate_synthetic_data_next_to_the_users_files(tmp_path: Path) -> None:
+    mine = tmp_path / "my_images"
+    mine.mkdir()
+    (mine / "ISIC_0000001.jpg").write_bytes(b"not generated here")
+    result = run_user(tmp_path, "python", "-m", "skinlesion.train", *USER_TINY, f"data.root={mine}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"{mine} already holds files" in line
+    assert [p.name for p in mine.iterdir()] == ["ISIC_0000001.jpg"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_images", "outputs"]

@@ -49,27 +49,38 @@ def tiny_training(tmp_path: Path, synthetic_root: Path, cache_dir: Path, setting
     return [arg for arg in args if arg.split("=", 1)[0] != key] + [setting]
 
 
-@pytest.mark.parametrize(
-    "setting",
-    [
-        "data.image_size=0",  # was read as "unset": trained at 224 px
-        "trainer.max_epochs=0",  # was "completed" with the test metrics of random weights
-        "data.batch_size=0",
-        "data.batch_size=-1",
-        "optimizer.lr=-1",
-        "data.split.val=1.5",
-        "data.num_workers=-1",
-    ],
-)
-def test_an_impossible_training_setting_is_refused_in_one_line_before_any_work(
-    tmp_path: Path, synthetic_root: Path, cache_dir: Path, setting: str
+IMPOSSIBLE_TRAINING = [
+    "data.image_size=0",  # was read as "unset": trained at 224 px
+    "trainer.max_epochs=0",  # was "completed" with the test metrics of random weights
+    "data.batch_size=0",
+    "data.batch_size=-1",
+    "optimizer.lr=-1",
+    "data.split.val=1.5",
+    "data.num_workers=-1",
+]
+
+
+@pytest.mark.parametrize("setting", IMPOSSIBLE_TRAINING)
+def test_an_impossible_training_setting_is_refused_by_the_check(tmp_path: Path, setting: str) -> None:
+    cfg = compose_config("train", [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}", setting])
+    with pytest.raises(SettingError) as info:
+        check_settings(cfg, TrainSettings)
+    assert str(info.value).startswith(f"{setting} is not allowed: it must be"), info.value
+
+
+def test_impossible_training_settings_stop_the_command_in_one_line_before_any_work(
+    tmp_path: Path, synthetic_root: Path, cache_dir: Path
 ) -> None:
-    result = run_cli(tmp_path, "skinlesion.train", *tiny_training(tmp_path, synthetic_root, cache_dir, setting))
-    line = refused_in_one_line(result)
-    assert line.startswith(f"error: {setting} is not allowed: it must be"), line
+    """The command line path: one ``error:`` line naming each setting; a failed run folder without data or fit."""
+    bad = [s for s in IMPOSSIBLE_TRAINING if s != "data.batch_size=-1"]  # one value per key
+    args = tiny_training(tmp_path, synthetic_root, cache_dir, bad[0])
+    args = [a for a in args if a.split("=", 1)[0] not in {s.split("=", 1)[0] for s in bad}] + bad
+    line = refused_in_one_line(run_cli(tmp_path, "skinlesion.train", *args))
+    assert line.startswith("error: "), line
+    assert all(f"{setting} is not allowed" in line for setting in bad), line
     (run,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
     saved = json.loads((run / "metrics.json").read_text())  # the failure is recorded, for the sweep report
-    assert saved["status"] == "failed" and setting in saved["error"] and "metrics" not in saved
+    assert saved["status"] == "failed" and bad[0] in saved["error"] and "metrics" not in saved
     assert not (run / "split.csv").exists() and not (run / "checkpoints").exists()  # no data read, nothing fitted
 
 

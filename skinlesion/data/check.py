@@ -38,7 +38,9 @@ EXIT_PROBLEMS = 1
 def check_data(cfg: DictConfig) -> dict:
     """Read, check and split ``cfg.data`` as training would; the summary (also printed and saved)."""
     # Skip bad images so that every problem is listed at once; no cache: checking decodes nothing.
-    datamodule: SkinLesionDataModule = instantiate(cfg.data, on_bad_image="skip", cache={"enabled": False})
+    datamodule: SkinLesionDataModule = instantiate(
+        cfg.data, on_bad_image="skip", cache={"enabled": False}, generate_synthetic=False
+    )
     records = datamodule.read_records()
     bad = datamodule.skipped if datamodule.skipped is not None else pd.DataFrame(columns=[*BAD_COLUMNS, "dataset"])
     problems = [

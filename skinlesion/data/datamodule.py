@@ -30,9 +30,15 @@ from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.images import DEFAULT_MAX_PIXELS
 from skinlesion.data.layouts import load_records
 from skinlesion.data.preprocessing import Preprocessing
-from skinlesion.data.splits import assign_splits, check_disjoint, check_same_split, check_split_settings
+from skinlesion.data.splits import (
+    assign_splits,
+    check_disjoint,
+    check_same_split,
+    check_split_settings,
+    split_from_file,
+)
 from skinlesion.data.transforms import check_augment, eval_transform, train_transform
-from skinlesion.errors import ConfigError
+from skinlesion.errors import ConfigError, DataError
 from skinlesion.labels import CLASSES, NUM_CLASSES
 
 log = logging.getLogger(__name__)
@@ -88,12 +94,21 @@ class SkinLesionDataModule(L.LightningDataModule):
         preprocessing: Preprocessing | Mapping | None = None,
         output_dir: str | None = None,
         test_set_only: bool = False,
+        generate_synthetic: bool = True,
+        split_file: str | None = None,
     ) -> None:
         """``test_set_only``: read just ``test_set`` as the test split (evaluation of a trained model on an
-        external set, which must not need the training data on disk)."""
+        external set, which must not need the training data on disk). ``generate_synthetic``: a first training
+        run may generate the synthetic set; every other use (evaluate, explain, a resume) must find it.
+        ``split_file``: take the split from a run's ``split.csv`` (the listed images that still exist)."""
         super().__init__()
         # Everything but the run-specific arguments goes into checkpoints, so `evaluate` can rebuild the split.
-        self.save_hyperparameters(ignore=["preprocessing", "output_dir", "test_set_only"])
+        self.save_hyperparameters(
+            ignore=["preprocessing", "output_dir", "test_set_only", "generate_synthetic", "split_file"]
+        )
+        self.generate_synthetic = generate_synthetic
+        self.split_file = Path(split_file) if split_file else None
+        self.split_check: dict | None = None  # with split_file: what was listed, found and left out
         if test_set_only and not test_set:
             raise ConfigError("test_set_only needs data.test_set (the external set to read)")
         self.test_set_only = test_set_only
@@ -212,12 +227,22 @@ class SkinLesionDataModule(L.LightningDataModule):
         parts = []
         if not self.test_set_only:
             if self.hparams.synthetic is not None:
-                synthetic_data.ensure_dataset(self.hparams.root, **dict(self.hparams.synthetic))
+                self._synthetic_dataset()
             parts.append(self._load_source(self.hparams.root, self.hparams.layout, self.hparams.subset, MAIN))
         if self.hparams.test_set:
             spec = {"layout": "auto", "subset": "Test", **dict(self.hparams.test_set)}
             parts.append(self._load_source(spec["root"], spec["layout"], spec["subset"], EXTERNAL))
         return pd.concat(parts, ignore_index=True)
+
+    def _synthetic_dataset(self) -> None:
+        params = dict(self.hparams.synthetic)
+        try:
+            if self.generate_synthetic:
+                synthetic_data.ensure_dataset(self.hparams.root, **params)
+            else:
+                synthetic_data.require_dataset(self.hparams.root, params)
+        except (FileExistsError, FileNotFoundError) as err:
+            raise DataError(str(err)) from None
 
     def assign_split(self, records: pd.DataFrame) -> pd.Series:
         """train/val/test per record: the main records split leak-free, the external test set as test."""
@@ -243,7 +268,10 @@ class SkinLesionDataModule(L.LightningDataModule):
         if self.records is not None:
             return
         records = self.read_records()
-        records["split"] = self.assign_split(records)
+        if self.split_file is None:
+            records["split"] = self.assign_split(records)
+        else:
+            records, self.split_check = split_from_file(records, self.split_file)
         self.records = records
 
     def prepare_data(self) -> None:

@@ -155,8 +155,7 @@ def _warn_missing_classes(records: pd.DataFrame, split: pd.Series) -> None:
 def check_same_split(records: pd.DataFrame, split_file: Path) -> None:
     """Refuse records whose split differs from a run's ``split.csv``: images added to the data folder, images
     gone, or images in another split now would make "test" metrics partly training images."""
-    saved = pd.read_csv(split_file, dtype={"image_id": str}, keep_default_na=False)
-    main_saved = saved[saved["source"] == "main"] if "source" in saved else saved
+    main_saved = read_run_split(split_file)
     main_now = records[records["source"] == "main"] if "source" in records else records
     merged = main_saved[["image_id", "split"]].merge(
         main_now[["image_id", "split"]], on="image_id", how="outer", suffixes=("_run", "_now"), indicator=True
@@ -174,5 +173,32 @@ def check_same_split(records: pd.DataFrame, split_file: Path) -> None:
     if problems:
         raise SplitChangedError(
             f"the data no longer gives the split in {split_file}: {'; '.join(problems)}. Its val/test images would "
-            "not be the ones the run was tested on; restore the data folder as it was for this run"
+            "not be the ones the run was tested on; restore the data folder as it was for this run (evaluate: or "
+            "split_from=file to score exactly the listed images that still exist)"
         )
+
+
+def read_run_split(split_file: Path) -> pd.DataFrame:
+    """The main dataset's rows of a run's ``split.csv`` (an external test set is never part of the split)."""
+    saved = pd.read_csv(split_file, dtype={"image_id": str}, keep_default_na=False)
+    return saved[saved["source"] == "main"] if "source" in saved else saved
+
+
+def split_from_file(records: pd.DataFrame, split_file: Path) -> tuple[pd.DataFrame, dict]:
+    """The records a run's ``split.csv`` lists, in the split it gave them, and a count of what differs: images
+    listed but gone, and images in the folder that the run never listed (left out)."""
+    saved = read_run_split(split_file)
+    split_of = saved.set_index("image_id")["split"]
+    listed = records["image_id"].isin(split_of.index)
+    kept = records[listed].reset_index(drop=True)
+    kept["split"] = kept["image_id"].map(split_of)
+    gone = saved[~saved["image_id"].isin(records["image_id"])]
+    check = {
+        "split_from": "file",
+        "split_file": str(split_file),
+        "listed": len(saved),
+        "found": len(kept),
+        "missing": {split: int(n) for split, n in gone["split"].value_counts().sort_index().items()},
+        "not_listed": int((~listed).sum()),
+    }
+    return kept, check

@@ -13,6 +13,7 @@ real data does not have and which tests use to check where Grad-CAM looks.
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -275,12 +276,39 @@ def generate(
     jpeg_quality: int = 90,
     num_workers: int = 4,
 ) -> Path:
-    """Write the dataset into ``out`` (created; must not already hold a dataset) and return it."""
+    """Write the dataset into ``out`` (created, or an empty folder) and return it.
+
+    It is built in ``<out>.partial`` and renamed when complete, so a failure leaves nothing behind."""
     out = Path(out)
-    if (out / HAM_METADATA).exists():
-        raise FileExistsError(f"{out / HAM_METADATA} already exists; choose an empty folder")
+    require_empty(out)
     plan = plan_lesions(n_images, seed, min_lesions_per_class)
     tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():  # left by an interrupted run that could not clean up (killed)
+        shutil.rmtree(tmp)
+    try:
+        _write_dataset(tmp, plan, width, height, jpeg_quality, num_workers)
+        if out.exists():  # empty, checked above
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %d synthetic images of %d lesions to %s", sum(n for _, n in plan), len(plan), out)
+    return out
+
+
+def require_empty(out: Path) -> None:
+    """Synthetic images never go next to files a user put there."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; choose a missing or empty folder for the synthetic dataset")
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(
+            f"{out} already holds files; synthetic data is only generated into a missing or empty folder: "
+            "choose another one (data.root=... when training)"
+        )
+
+
+def _write_dataset(tmp: Path, plan, width: int, height: int, jpeg_quality: int, num_workers: int) -> None:
     for part in PART_DIRS:
         (tmp / part).mkdir(parents=True, exist_ok=True)
 
@@ -307,26 +335,28 @@ def generate(
     geometry = pd.DataFrame(geometries, columns=["cx", "cy", "rx", "ry"]).round(1)
     geometry.insert(0, "image_id", [image_id for _, _, image_id in jobs])
     geometry.to_csv(tmp / GEOMETRY_FILE, index=False)
-    # Publish atomically: a crash part-way leaves only the .partial folder, never a half dataset.
-    if out.exists() and not any(out.iterdir()):
-        out.rmdir()
-    tmp.rename(out)
-    log.info("wrote %d synthetic images of %d lesions to %s", len(jobs), len(plan), out)
-    return out
 
 
 def ensure_dataset(root: str | Path, **params) -> Path:
-    """Generate the dataset at ``root`` unless it is already there (first use of ``data=synthetic``)."""
+    """Generate the dataset at ``root`` unless it is already there (first training with ``data=synthetic``)."""
     root = Path(root)
     if (root / HAM_METADATA).is_file():
         return root
-    partial = root.with_name(root.name + ".partial")
-    if partial.exists():  # left by an interrupted run
-        import shutil
-
-        shutil.rmtree(partial)
     log.info("generating the synthetic dataset into %s (first use)", root)
     return generate(root, **params)
+
+
+def require_dataset(root: str | Path, params: dict) -> None:
+    """Commands other than training read a synthetic set and never make one: a moved ``data.root`` must not be
+    replaced by a new set scored as if it were the run's."""
+    root = Path(root)
+    if not (root / HAM_METADATA).is_file():
+        options = " ".join(f"{k}={v}" for k, v in params.items() if k in OPTIONS)
+        raise FileNotFoundError(
+            f"no synthetic dataset at data.root={root} (no {HAM_METADATA}); only training generates one. Point "
+            f"data.root=... to where it is now, or make it again: python -m skinlesion.data.synthetic out={root} "
+            f"{options}".rstrip()
+        )
 
 
 OPTIONS = {"out", "n_images", "seed", "width", "height", "min_lesions_per_class", "jpeg_quality", "num_workers"}
