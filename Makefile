@@ -25,10 +25,10 @@ demo: install ## both stages on real ImageNet weights (EfficientNet-Lite0, offli
 	$(PY) -m skinlesion.train experiment=demo $(ARGS)
 
 test: install ## the default suite, without the tests marked slow, on TEST_WORKERS processes (what CI runs)
-	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 test-all: install ## every test, the slow end-to-end ones included
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 lint: install ## ruff lint and format check
 	$(PY) -m ruff check .

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from skinlesion.config import CONFIG_DIR
 from skinlesion.errors import ConfigError, FileSystemError, SkinLesionError
-from skinlesion.runs import check_writable
+from skinlesion.runfolder.files import check_writable
 
 log = logging.getLogger(__name__)
 EXIT_USAGE = 2

@@ -15,7 +15,6 @@ Hydra wrapper.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,34 +24,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from skinlesion import cli
-from skinlesion.artifacts import split_interval_method, write_split_artifacts
-from skinlesion.bootstrap import Resamples, paired_difference
-from skinlesion.calibration import expected_calibration_error, plot_reliability
 from skinlesion.config import CONFIG_PACKAGE, to_plain
-from skinlesion.data.datamodule import SPLIT_FILE, SkinLesionDataModule
-from skinlesion.data.preprocessing import Preprocessing
-from skinlesion.data.splits import check_disjoint, check_same_split, read_run_split
-from skinlesion.ensemble import ENSEMBLE, ensemble_checkpoints, member_names
-from skinlesion.errors import CheckpointError, ConfigError, DataError
-from skinlesion.inference import InferenceModel, resolve_device
+from skinlesion.errors import CheckpointError, ConfigError
+from skinlesion.inference.ensemble import ENSEMBLE, ensemble_checkpoints, member_names
+from skinlesion.inference.model import InferenceModel, resolve_device
+from skinlesion.inference.split import SCORED_SPLITS, SplitPredictions, predict_members
+from skinlesion.inference.tta import tta_views
 from skinlesion.models.metrics import HEADLINE_METRICS
-from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.plots import plot_roc_grid
-from skinlesion.runs import CHECKPOINT_DIR, METRICS_FILE, write_json, write_resolved_config
+from skinlesion.runfolder.files import METRICS_FILE, write_json, write_resolved_config
+from skinlesion.scoring.artifacts import split_interval_method, write_split_artifacts
+from skinlesion.scoring.bootstrap import Resamples, paired_difference
+from skinlesion.scoring.calibration import expected_calibration_error, plot_reliability
 from skinlesion.settings import EvaluateSettings, check_settings
-from skinlesion.tta import predict_proba_tta, tta_views
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("val", "test")
 MEMBERS_DIR = "members"
-
-
-@dataclass
-class Predictions:
-    probs: torch.Tensor  # N x classes, rows in record order
-    labels: torch.Tensor
-    indices: torch.Tensor  # rows of the DataModule's records
 
 
 # ---- settings ----------------------------------------------------------------------------------------
@@ -99,8 +87,8 @@ def data_settings(cfg: DictConfig, trained_with: dict) -> dict:
 
 
 def _check_settings(cfg: DictConfig) -> int:
-    if cfg.split not in SPLITS:
-        raise ConfigError(f"split={cfg.split} is not valid; choose one of {', '.join(SPLITS)}")
+    if cfg.split not in SCORED_SPLITS:
+        raise ConfigError(f"split={cfg.split} is not valid; choose one of {', '.join(SCORED_SPLITS)}")
     views = tta_views(cfg.tta, cfg.tta_views)
     if "_target_" in cfg.data and cfg.split != "test":
         raise ConfigError(f"data=<dataset> is evaluated as the test split; drop split={cfg.split}")
@@ -143,132 +131,8 @@ def _check_same_split(members: dict[str, InferenceModel], settings: dict, split:
         )
 
 
-# ---- predicting --------------------------------------------------------------------------------------
-def datamodule_for(
-    settings: dict, preprocessing: Preprocessing, split: str, split_file: Path | None = None
-) -> SkinLesionDataModule:
-    """The data of ``split`` as the model sees it; ``split_file``: that run's recorded split, not a rebuilt one.
-    A synthetic set is never generated here: a moved one must not be replaced by a new set."""
-    settings = {**settings, "image_size": preprocessing.image_size}  # the model decides, not the training data config
-    # An external test set is read on its own: evaluating a downloaded checkpoint on the ISIC 2018 test
-    # set must not need the data it was trained on (nor spend minutes checking and caching it).
-    external = split == "test" and bool(settings.get("test_set"))
-    datamodule = SkinLesionDataModule(
-        **settings,
-        preprocessing=preprocessing,
-        test_set_only=external,
-        generate_synthetic=False,
-        split_file=str(split_file) if split_file else None,
-    )
-    datamodule.setup("test")
-    if split not in datamodule.datasets:
-        hint = "data.split.test was 0 in training; use split=val or an external set (data.test_set.root=...)"
-        raise ConfigError(f"there is no '{split}' split in this data{'; ' + hint if split == 'test' else ''}")
-    return datamodule
-
-
-@torch.no_grad()
-def predict(
-    model: SkinLesionClassifier,
-    datamodule: SkinLesionDataModule,
-    split: str,
-    device: torch.device,
-    views: int,
-    calibrated: bool,
-) -> Predictions:
-    """Probabilities of one model on one split (``views`` > 1: test-time augmentation), in record order."""
-    model.to(device)
-    probs, labels, indices = [], [], []
-    for batch in datamodule.eval_dataloader(split):
-        probs.append(predict_proba_tta(model, batch["image"].to(device), views, calibrated).float().cpu())
-        labels.append(batch["label"])
-        indices.append(batch["index"])
-    indices_t = torch.cat(indices)
-    order = indices_t.argsort()
-    return Predictions(torch.cat(probs)[order], torch.cat(labels)[order], indices_t[order])
-
-
-def run_split_file(member: InferenceModel) -> Path | None:
-    """The ``split.csv`` of the run folder the checkpoint sits in (None, with a warning, when it was moved)."""
-    split_file = member.path.parent.parent / SPLIT_FILE
-    if member.path.parent.name != CHECKPOINT_DIR or not split_file.is_file():
-        log.warning("%s: no %s beside the checkpoint; its split was not checked", member.path, SPLIT_FILE)
-        return None
-    return split_file
-
-
-def check_external_unseen(members: dict[str, InferenceModel], external: pd.DataFrame, source: str) -> None:
-    """An external test set must hold no image or lesion a member learned from (its run's split.csv says which)."""
-    for member in members.values():
-        if (split_file := run_split_file(member)) is not None:
-            seen = pd.read_csv(split_file, dtype={"image_id": str, "lesion_id": str}, keep_default_na=False)
-            check_disjoint(seen[seen["split"] != "test"], external, f"{source} (against {split_file})")
-
-
-def listed_split_file(members: dict[str, InferenceModel], split: str) -> Path:
-    """split_from=file: the one ``split.csv`` whose ``split`` images every member was scored on in training."""
-    files = {}
-    for name, member in members.items():
-        if (split_file := run_split_file(member)) is None:
-            raise DataError(f"split_from=file needs the run's {SPLIT_FILE} beside {name}'s checkpoints/ folder")
-        files[split_file] = set(read_run_split(split_file).query("split == @split")["image_id"])
-    first, *others = files
-    if any(files[other] != files[first] for other in others):
-        raise DataError(f"the members' {SPLIT_FILE} files list different {split} images; evaluate them one by one")
-    return first
-
-
-def predict_members(
-    members: dict[str, InferenceModel],
-    settings: dict,
-    split: str,
-    device: torch.device,
-    views: int,
-    calibrated: bool,
-    split_from: str = "data",
-) -> tuple[dict[str, Predictions], pd.DataFrame, dict]:
-    """Each member's predictions on the same records (one DataModule per distinct preprocessing), and how
-    the records were checked against the runs' ``split.csv``."""
-    external = split == "test" and bool(settings.get("test_set"))
-    listed = listed_split_file(members, split) if split_from == "file" and not external else None
-    datamodules: dict[Preprocessing, SkinLesionDataModule] = {}
-    for member in members.values():
-        pre = member.model.preprocessing
-        if pre not in datamodules:
-            datamodules[pre] = datamodule_for(settings, pre, split, listed)
-    first_datamodule = next(iter(datamodules.values()))
-    records = first_datamodule.records
-    if external:  # checked before minutes of predicting
-        check_external_unseen(members, records, str(settings["test_set"]["root"]))
-        split_check = {"split_from": "external set", "checked_disjoint": True}
-    elif listed is not None:
-        split_check = first_datamodule.split_check
-        log.info("%s: %d of the %d listed images found, %d not listed left out", listed, split_check["found"],
-                 split_check["listed"], split_check["not_listed"])  # fmt: skip
-    else:  # the run's own val/test: the data folder must still give the split each member was tested on
-        checked = []
-        for member in members.values():
-            if (split_file := run_split_file(member)) is not None:
-                check_same_split(datamodules[member.model.preprocessing].records, split_file)
-                checked.append(str(split_file))
-        split_check = {"split_from": "data", "same_as": checked}
-    results = {}
-    for name, member in members.items():
-        results[name] = predict(member.model, datamodules[member.model.preprocessing], split, device, views, calibrated)
-        log.info("%s: %d %s images", name, len(results[name].indices), split)
-    first_name, first = next(iter(results.items()))
-    for name, result in results.items():
-        theirs = datamodules[members[name].model.preprocessing].records
-        same_images = list(theirs.loc[result.indices.numpy(), "image_id"]) == list(
-            records.loc[first.indices.numpy(), "image_id"]
-        )
-        if not (same_images and torch.equal(result.labels, first.labels)):
-            raise DataError(f"ensemble member {name} saw other {split} images than {first_name}")
-    return results, records, split_check
-
-
 # ---- the entry point ---------------------------------------------------------------------------------
-def _write(out_dir: Path, split: str, name: str, result: Predictions, records: pd.DataFrame, classes) -> dict:
+def _write(out_dir: Path, split: str, name: str, result: SplitPredictions, records: pd.DataFrame, classes) -> dict:
     scored = records.loc[result.indices.numpy()]
     ids = scored["image_id"], scored["lesion_id"]
     metrics = write_split_artifacts(out_dir, split, result.probs, result.labels, *ids, classes, scored["lesion_known"])
@@ -277,7 +141,7 @@ def _write(out_dir: Path, split: str, name: str, result: Predictions, records: p
     return metrics
 
 
-def _ensemble_gains(results: dict[str, Predictions], records: pd.DataFrame) -> pd.DataFrame:
+def _ensemble_gains(results: dict[str, SplitPredictions], records: pd.DataFrame) -> pd.DataFrame:
     """Balanced accuracy of the ensemble minus each member's on the same images, lesion-bootstrapped in pairs."""
     ensemble = results[ENSEMBLE]
     labels, preds = ensemble.labels.numpy(), ensemble.probs.argmax(1).numpy()
@@ -293,7 +157,7 @@ def _ensemble_gains(results: dict[str, Predictions], records: pd.DataFrame) -> p
 def _write_scores(
     out_dir: Path,
     split: str,
-    results: dict[str, Predictions],
+    results: dict[str, SplitPredictions],
     records: pd.DataFrame,
     classes: tuple[str, ...],
     intervals: dict[str, str],
@@ -334,7 +198,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if len(members) > 1:
         reference = next(iter(results.values()))  # every member scored the same records, in the same order
         average = torch.stack([r.probs for r in results.values()]).mean(dim=0)
-        results = {ENSEMBLE: Predictions(average, reference.labels, reference.indices), **results}
+        results = {ENSEMBLE: SplitPredictions(average, reference.labels, reference.indices), **results}
     scored = records.loc[next(iter(results.values())).indices.numpy()]
     intervals = split_interval_method(scored)
     scores = _write_scores(out_dir, split, results, records, first.classes, intervals)

@@ -25,8 +25,6 @@ from skinlesion import cli
 from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.data.images import ImageReadError
 from skinlesion.errors import CheckpointError, ConfigError
-from skinlesion.evaluate import SPLITS, datamodule_for
-from skinlesion.evaluate import predict as predict_split
 from skinlesion.gradcam import (
     Explanation,
     check_method,
@@ -35,8 +33,9 @@ from skinlesion.gradcam import (
     plot_explanation,
     write_split_gallery,
 )
-from skinlesion.inference import InferenceModel, list_images, required_path
-from skinlesion.runs import write_json
+from skinlesion.inference.model import InferenceModel, list_images, required_path
+from skinlesion.inference.split import SCORED_SPLITS, datamodule_for, predict_split
+from skinlesion.runfolder.files import write_json
 from skinlesion.settings import ExplainSettings, check_settings
 
 log = logging.getLogger(__name__)
@@ -91,8 +90,8 @@ def explain_split(
 ) -> pd.DataFrame:
     """Galleries of the checkpoint's own ``split``, rebuilt from the data settings it carries (``data_root``
     if the dataset moved), predicted as ``skinlesion.evaluate`` predicts it."""
-    if split not in SPLITS:
-        raise ConfigError(f"split={split} is not valid; choose one of {', '.join(SPLITS)}")
+    if split not in SCORED_SPLITS:
+        raise ConfigError(f"split={split} is not valid; choose one of {', '.join(SCORED_SPLITS)}")
     if not loaded.data:
         raise CheckpointError(f"{loaded.path}: has no saved data settings; give images=FILE_OR_DIR instead")
     settings = loaded.data | ({"root": data_root} if data_root else {})

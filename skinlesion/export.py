@@ -37,9 +37,9 @@ from omegaconf import DictConfig
 from skinlesion import cli
 from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.errors import ConfigError, SkinLesionError
-from skinlesion.inference import InferenceModel, required_path
+from skinlesion.inference.model import InferenceModel, required_path
 from skinlesion.models.module import SkinLesionClassifier
-from skinlesion.runs import check_writable, write_json
+from skinlesion.runfolder.files import check_writable, write_json
 from skinlesion.settings import ExportSettings, check_settings
 
 log = logging.getLogger(__name__)

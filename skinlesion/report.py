@@ -28,18 +28,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from skinlesion import cli
-from skinlesion.artifacts import split_interval_method
-from skinlesion.bootstrap import BOOTSTRAP_METRICS, LEVEL, N_RESAMPLES, Resamples, paired_difference
 from skinlesion.errors import ConfigError, DataError, SkinLesionError
 from skinlesion.labels import CLASSES
 from skinlesion.models.metrics import HEADLINE_METRICS
 from skinlesion.plots import plot_confusion_grid, plot_metric_bars, plot_roc_grid
-from skinlesion.runs import METRICS_FILE, read_json
+from skinlesion.runfolder.files import HYDRA_DIR, METRICS_FILE, find_runs, read_json
+from skinlesion.scoring.artifacts import split_interval_method
+from skinlesion.scoring.bootstrap import BOOTSTRAP_METRICS, LEVEL, N_RESAMPLES, Resamples, paired_difference
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RANK_BY = "balanced_acc"
-HYDRA_DIR = ".hydra"
 RUNS_CSV, SUMMARY_CSV, SUMMARY_MD = "runs.csv", "summary.csv", "summary.md"
 METRICS_PNG, CONFUSION_PNG, ROC_PNG = "summary_metrics.png", "summary_confusion.png", "summary_roc.png"
 # Lesion-bootstrap intervals of a single run's score, and rank 1 minus each other configuration, paired;
@@ -89,24 +88,6 @@ class Report:
 
 
 # ---- collecting runs ---------------------------------------------------------------------------------
-def is_training_run(run: Path) -> bool:
-    """A training run folder, finished or not: Hydra's record names the job (check, predict and evaluate
-    folders have one too), else metrics.json its task."""
-    hydra_record = run / HYDRA_DIR / "hydra.yaml"
-    if hydra_record.is_file():
-        return OmegaConf.select(OmegaConf.load(hydra_record), "hydra.job.name") == "train"
-    metrics = run / METRICS_FILE
-    if metrics.is_file():
-        return read_json(metrics).get("task", "train") == "train"
-    return (run / HYDRA_DIR / "overrides.yaml").is_file()
-
-
-def find_runs(folder: Path) -> list[Path]:
-    """Every training run folder at or below ``folder``."""
-    candidates = {p.parent for p in folder.rglob(METRICS_FILE)} | {p.parent for p in folder.rglob(HYDRA_DIR)}
-    return sorted(run for run in candidates if is_training_run(run))
-
-
 def _overrides(run: Path) -> list[str]:
     path = run / HYDRA_DIR / "overrides.yaml"
     return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []

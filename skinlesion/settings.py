@@ -20,8 +20,8 @@ from pydantic.dataclasses import dataclass
 from skinlesion.config import to_plain
 from skinlesion.data.splits import check_split_settings
 from skinlesion.errors import ConfigError, SettingError
-from skinlesion.runs import check_writable
-from skinlesion.tta import VIEW_COUNTS
+from skinlesion.inference.tta import VIEW_COUNTS
+from skinlesion.runfolder.files import check_writable
 
 SCHEMA = ConfigDict(extra="ignore")  # other keys of a section belong to Lightning, torch or the DataModule
 Whole = Annotated[int, Strict()]  # no floats (2.5), strings or booleans where a count is meant

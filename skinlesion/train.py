@@ -27,10 +27,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from skinlesion import cli
-from skinlesion.artifacts import split_interval_method, write_split_artifacts
-from skinlesion.calibration import fit_temperature, write_calibration
 from skinlesion.callbacks.history import TrainingHistory
-from skinlesion.checkpoints import check_backbone, read_checkpoint
 from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.data.datamodule import SPLIT_FILE, SkinLesionDataModule
 from skinlesion.data.layouts import load_records
@@ -40,16 +37,19 @@ from skinlesion.gradcam import check_method, write_validation_gallery
 from skinlesion.models.backbone import count_parameters
 from skinlesion.models.converted import describe_weights
 from skinlesion.models.module import SkinLesionClassifier
-from skinlesion.resume import check_resume, record_resume, replayed_overrides, resume_arguments
-from skinlesion.runs import (
+from skinlesion.runfolder.checkpoints import check_backbone, read_checkpoint
+from skinlesion.runfolder.files import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     METRICS_FILE,
+    best_checkpoint,
     read_json,
-    run_checkpoint,
     write_json,
     write_resolved_config,
 )
+from skinlesion.runfolder.resume import check_resume, record_resume, replayed_overrides, resume_arguments
+from skinlesion.scoring.artifacts import split_interval_method, write_split_artifacts
+from skinlesion.scoring.calibration import fit_temperature, write_calibration
 from skinlesion.settings import TrainSettings, check_settings
 
 log = logging.getLogger(__name__)
@@ -204,8 +204,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
     calibration = _calibrate(cfg, module)
     if datamodule.has_test:
         losses |= trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    best_checkpoint = run_checkpoint(run_dir)
-    trainer.save_checkpoint(best_checkpoint, weights_only=True)  # best weights + temperature
+    best_file = best_checkpoint(run_dir)
+    trainer.save_checkpoint(best_file, weights_only=True)  # best weights + temperature
     if not trainer.is_global_zero:
         return {}
 
@@ -228,7 +228,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
         "monitor": cfg.monitor,
         "best_epoch": _best_epoch(history, cfg.monitor, cfg.monitor_mode),
         "best_score": float(checkpoint.best_model_score) if best and checkpoint.best_model_score is not None else None,
-        "best_checkpoint": str(best_checkpoint),
+        "best_checkpoint": str(best_file),
         "epochs": trainer.current_epoch,
         "params_total": total,
         "params_trainable": trainable,

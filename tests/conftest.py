@@ -192,3 +192,10 @@ def run_user(cwd: Path, *command: str, home: Path | None = None, timeout: int = 
         env["SKINLESION_HOME"] = str(home)
     argv = [sys.executable, *command[1:]] if command[0] == "python" else list(command)
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+LONGEST_FIRST = ("test_readme.py",)  # minutes each: started first, so no xdist worker is left with it at the end
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order

@@ -10,16 +10,16 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from skinlesion.artifacts import write_split_artifacts
-from skinlesion.bootstrap import (
+from skinlesion.labels import CLASSES
+from skinlesion.models.metrics import probability_metrics
+from skinlesion.scoring.artifacts import write_split_artifacts
+from skinlesion.scoring.bootstrap import (
     Resamples,
     confidence_intervals,
     paired_difference,
     recall_per_class,
     scores_from_confusions,
 )
-from skinlesion.labels import CLASSES
-from skinlesion.models.metrics import probability_metrics
 
 K = len(CLASSES)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from skinlesion.calibration import (
+from skinlesion.scoring.calibration import (
     calibration_metrics,
     expected_calibration_error,
     fit_temperature,

@@ -10,7 +10,7 @@ import pytest
 
 from skinlesion.cli import check_group_choices, one_line
 from skinlesion.errors import ConfigError, DataError
-from skinlesion.resume import accepted_on_resume, config_changes, resume_arguments
+from skinlesion.runfolder.resume import accepted_on_resume, config_changes, resume_arguments
 
 from conftest import run_cli
 

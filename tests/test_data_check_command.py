@@ -62,6 +62,7 @@ def run_check(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_the_command_exits_1_on_problems_and_2_when_the_data_cannot_be_read(synthetic_root, tmp_path: Path) -> None:
     root = shutil.copytree(synthetic_root, tmp_path / "ham")
     next(root.glob("*/*.jpg")).unlink()

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from skinlesion.ensemble import ensemble_checkpoints, member_names
 from skinlesion.errors import ConfigError
 from skinlesion.evaluate import evaluate
+from skinlesion.inference.ensemble import ensemble_checkpoints, member_names
 from skinlesion.labels import CLASSES
-from skinlesion.runs import write_json
+from skinlesion.runfolder.files import write_json
 
 from conftest import compose_config
 
@@ -93,12 +93,12 @@ def test_ensemble_of_a_multirun_folder_uses_every_completed_run(members: tuple[P
         "0_mobilenetv2_seed0",
         "1_mobilenetv2_seed1",
     ]
-    run_checkpoint = sweep / "0_mobilenetv2_seed0" / "checkpoints" / "best.ckpt"
-    assert ensemble_checkpoints([str(sweep / "0_mobilenetv2_seed0")]) == [run_checkpoint]
-    assert ensemble_checkpoints(str(sweep / "0_mobilenetv2_seed0")) == [run_checkpoint]  # one run folder, alone
-    assert len(ensemble_checkpoints([str(sweep), str(run_checkpoint)])) == 3  # a sweep inside a list
+    best_checkpoint = sweep / "0_mobilenetv2_seed0" / "checkpoints" / "best.ckpt"
+    assert ensemble_checkpoints([str(sweep / "0_mobilenetv2_seed0")]) == [best_checkpoint]
+    assert ensemble_checkpoints(str(sweep / "0_mobilenetv2_seed0")) == [best_checkpoint]  # one run folder, alone
+    assert len(ensemble_checkpoints([str(sweep), str(best_checkpoint)])) == 3  # a sweep inside a list
     # A member called "ensemble" must not take the averaged model's place.
-    assert "ensemble" not in member_names([sweep / "ensemble" / "checkpoints" / "best.ckpt", run_checkpoint])
+    assert "ensemble" not in member_names([sweep / "ensemble" / "checkpoints" / "best.ckpt", best_checkpoint])
 
     result = run_evaluate(tmp_path / "out", f"ensemble={sweep}", "split=val", "tta=true", "tta_views=2")
     assert sorted(result["members"]) == ["0_mobilenetv2_seed0", "1_mobilenetv2_seed1"]

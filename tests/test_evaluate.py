@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from skinlesion.checkpoints import load_classifier
 from skinlesion.data.layouts import load_records
 from skinlesion.errors import CheckpointError, ConfigError, DataError
 from skinlesion.evaluate import evaluate
+from skinlesion.inference.tta import predict_proba_tta
 from skinlesion.labels import CLASSES, ISIC_COLUMNS
-from skinlesion.tta import predict_proba_tta
+from skinlesion.runfolder.checkpoints import load_classifier
 
 from conftest import compose_config, run_cli
 

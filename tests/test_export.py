@@ -19,7 +19,7 @@ from skinlesion.data.layouts import load_records
 from skinlesion.data.preprocessing import CV2_INTERPOLATION
 from skinlesion.errors import ConfigError
 from skinlesion.export import export
-from skinlesion.inference import InferenceModel
+from skinlesion.inference.model import InferenceModel
 
 from conftest import compose_config, random_checkpoint
 
@@ -31,7 +31,7 @@ def export_cfg(tmp_path: Path, checkpoint: Path, *overrides: str):
     return compose_config("export", [*run, *overrides])
 
 
-@pytest.mark.parametrize("backbone", ["resnet50", "mobilenetv2"])
+@pytest.mark.parametrize("backbone", [pytest.param("resnet50", marks=pytest.mark.slow), "mobilenetv2"])
 def test_onnx_matches_pytorch_for_any_batch_size(
     tmp_path: Path, backbone: str, synthetic_root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from skinlesion.checkpoints import load_classifier
+from skinlesion.runfolder.checkpoints import load_classifier
 from skinlesion.train import train
 
 from conftest import random_checkpoint

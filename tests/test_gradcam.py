@@ -22,7 +22,7 @@ from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import ConfigError
 from skinlesion.explain import explain
 from skinlesion.gradcam import Explanation, compute_cams, plot_explanation
-from skinlesion.inference import InferenceModel
+from skinlesion.inference.model import InferenceModel
 from skinlesion.labels import CLASSES
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.train import train
@@ -196,6 +196,7 @@ def test_trained_heatmaps_look_at_the_lesion(localising_run: Path, off_centre_ro
     assert (share > 0.5).sum() >= 4  # most classes
 
 
+@pytest.mark.slow
 def test_training_leaves_a_gallery_and_calibration_report(localising_run: Path) -> None:
     table = pd.read_csv(localising_run / "gradcam" / "gallery.csv", keep_default_na=False)
     assert set(table["kind"]) <= {"correct", "wrong"} and len(table) >= 7

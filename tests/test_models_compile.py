@@ -13,8 +13,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from skinlesion.checkpoints import load_classifier
 from skinlesion.models.module import SkinLesionClassifier
+from skinlesion.runfolder.checkpoints import load_classifier
 from skinlesion.train import train
 
 from conftest import compose_config, tiny_train_overrides

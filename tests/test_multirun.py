@@ -111,7 +111,13 @@ def test_experiments_hold_complete_recipes_and_seeds_share_the_split(seed: int, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("home_set", [False, True], ids=["from-the-working-folder", "SKINLESION_HOME"])
+@pytest.mark.parametrize(
+    "home_set",
+    [
+        pytest.param(False, id="from-the-working-folder"),
+        pytest.param(True, id="SKINLESION_HOME", marks=pytest.mark.slow),
+    ],
+)
 def test_a_plain_sweep_starts_from_an_empty_folder_and_writes_its_report(tmp_path: Path, home_set: bool) -> None:
     """As a user types it: no paths.* override, no environment variable (or $SKINLESION_HOME elsewhere)."""
     cwd, home = tmp_path / "cwd", tmp_path / "home"

@@ -12,10 +12,10 @@ from PIL import Image
 
 from skinlesion.data.layouts import load_records
 from skinlesion.errors import ConfigError, DataError
-from skinlesion.inference import InferenceModel
+from skinlesion.inference.model import InferenceModel
+from skinlesion.inference.tta import dihedral_views
 from skinlesion.labels import CLASSES
 from skinlesion.predict import predict
-from skinlesion.tta import dihedral_views
 
 from conftest import compose_config, random_checkpoint, run_cli
 

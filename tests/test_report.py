@@ -14,12 +14,12 @@ import torch
 from omegaconf import OmegaConf
 
 from skinlesion import cli
-from skinlesion.artifacts import write_split_artifacts
-from skinlesion.bootstrap import interval_method
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.labels import CLASSES
-from skinlesion.report import NOT_FINISHED, PAIRED, MultirunReport, error_bars, find_runs, main, write_report
-from skinlesion.runs import write_json
+from skinlesion.report import NOT_FINISHED, PAIRED, MultirunReport, error_bars, main, write_report
+from skinlesion.runfolder.files import find_runs, write_json
+from skinlesion.scoring.artifacts import write_split_artifacts
+from skinlesion.scoring.bootstrap import interval_method
 
 N_IMAGES = 28
 

@@ -20,6 +20,20 @@ def folder_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
+def refused(run: Path, command: str) -> str:
+    """The one error line of a refused ``resume`` or ``evaluate`` of ``run``; the run folder is left as it was."""
+    before = folder_digest(run)
+    if command == "resume":
+        args = ["skinlesion.train", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=3"]
+    else:
+        args = ["skinlesion.evaluate", f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}"]
+    result = run_user(run.parent, "python", "-m", *args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert folder_digest(run) == before
+    return line
+
+
 @pytest.fixture(scope="module")
 def trained_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("user")
@@ -94,16 +108,8 @@ def test_a_run_whose_data_changed_is_neither_resumed_nor_evaluated(
     finished_run: Path, one_image_fewer: None, command: str
 ) -> None:
     """Its split would be rebuilt from the data as it is now: val/test would not be the images it was tested on."""
-    before = folder_digest(finished_run)
-    if command == "resume":
-        args = ["skinlesion.train", f"ckpt_path={finished_run / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=3"]
-    else:
-        args = ["skinlesion.evaluate", f"ckpt_path={finished_run / 'checkpoints' / 'best.ckpt'}"]
-    result = run_user(finished_run.parent, "python", "-m", *args)
-    assert result.returncode == 2, result.stderr[-3000:]
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    line = refused(finished_run, command)
     assert "no longer gives the split" in line and "1 image(s) missing" in line, line
-    assert folder_digest(finished_run) == before
 
 
 @pytest.mark.slow
@@ -145,17 +151,9 @@ def data_moved(trained_once: Path):
 def test_a_run_whose_synthetic_data_moved_gets_no_new_set_in_its_place(
     finished_run: Path, data_moved: Path, command: str
 ) -> None:
-    before = folder_digest(finished_run)
-    if command == "resume":
-        args = ["skinlesion.train", f"ckpt_path={finished_run / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=3"]
-    else:
-        args = ["skinlesion.evaluate", f"ckpt_path={finished_run / 'checkpoints' / 'best.ckpt'}"]
-    result = run_user(finished_run.parent, "python", "-m", *args)
-    assert result.returncode == 2, result.stderr[-3000:]
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    line = refused(finished_run, command)
     assert f"no synthetic dataset at data.root={data_moved}" in line and "only training generates one" in line
     assert not data_moved.exists() and not data_moved.with_name(data_moved.name + ".partial").exists()
-    assert folder_digest(finished_run) == before
 
 
 def test_training_refuses_to_generate_synthetic_data_next_to_the_users_files(tmp_path: Path) -> None:

@@ -159,7 +159,7 @@ def test_predict_into_a_folder_that_cannot_be_created_stops_before_inference(
     assert not list(tmp_path.rglob("predict.json"))  # stopped before any image was predicted
 
 
-@pytest.mark.parametrize("tool", ["skinlesion.train", "skinlesion.predict"])
+@pytest.mark.parametrize("tool", ["skinlesion.train", pytest.param("skinlesion.predict", marks=pytest.mark.slow)])
 def test_a_home_where_the_run_folder_cannot_be_created_is_one_line(
     tmp_path: Path, checkpoint: Path, image: Path, synthetic_root: Path, tool: str
 ) -> None:
@@ -171,6 +171,7 @@ def test_a_home_where_the_run_folder_cannot_be_created_is_one_line(
     assert f"cannot write to {home / 'outputs'}" in line and "SKINLESION_HOME" in line
 
 
+@pytest.mark.slow
 def test_a_run_folder_under_proc_is_refused(tmp_path: Path, checkpoint: Path, image: Path) -> None:
     """/proc says yes to os.access(W_OK) and still refuses new files."""
     result = run_cli(tmp_path, "skinlesion.predict", "paths.root_dir=/proc/skinlesion", f"ckpt_path={checkpoint}")

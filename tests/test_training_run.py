@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from skinlesion.callbacks.history import TrainingHistory
-from skinlesion.checkpoints import load_classifier
 from skinlesion.cli import user_error
 from skinlesion.errors import CheckpointError, ConfigError
 from skinlesion.labels import CLASSES
+from skinlesion.runfolder.checkpoints import load_classifier
 from skinlesion.train import _best_epoch, train
 
 from conftest import ONE_EPOCH, compose_config, tiny_train_overrides
@@ -216,6 +216,7 @@ def test_mlflow_logger_without_mlflow_says_what_to_install(
     fails_early(cfg, ConfigError, r"logger\.mlflow .*needs a package that is not installed.*mlflow", tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_default_image_size_comes_from_the_backbone(tmp_path: Path, synthetic_root: Path, cache_dir: Path) -> None:
     """data.image_size=null (the default): timm's 224 px for MobileNetV2, in the model and the data alike."""
     cfg = config(tmp_path, synthetic_root, cache_dir, "data.image_size=null", *ONE_EPOCH)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from skinlesion.bench.training import build_classifier
 from skinlesion.callbacks.finetune import TwoStageFinetuning
 from skinlesion.callbacks.history import TrainingHistory
-from skinlesion.inference import resolve_device
+from skinlesion.inference.model import resolve_device
 from skinlesion.models.module import SkinLesionClassifier
 
 

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from skinlesion.config import CONFIG_DIR
-from skinlesion.inference import resolve_device
+from skinlesion.inference.model import resolve_device
 from skinlesion.models.module import SkinLesionClassifier
 
 BACKBONES = ("resnet50", "densenet121", "mobilenetv2", "efficientnet_b0", "inception_v3")

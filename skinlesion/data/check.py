@@ -22,12 +22,12 @@ from omegaconf import DictConfig
 
 from skinlesion import cli
 from skinlesion.config import CONFIG_PACKAGE
-from skinlesion.data.checks import BAD_COLUMNS, problem_counts, write_csv
+from skinlesion.data.bad_images import BAD_COLUMNS, problem_counts, write_csv
 from skinlesion.data.datamodule import BAD_FILE, SkinLesionDataModule
 from skinlesion.data.splits import SPLITS
 from skinlesion.errors import DataError
 from skinlesion.labels import CLASSES
-from skinlesion.runs import write_json
+from skinlesion.runfolder.files import write_json
 
 log = logging.getLogger(__name__)
 

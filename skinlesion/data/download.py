@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 
 from skinlesion import cli
 from skinlesion.errors import ConfigError, DataError
-from skinlesion.runs import read_json, write_json
+from skinlesion.runfolder.files import read_json, write_json
 
 log = logging.getLogger(__name__)
 

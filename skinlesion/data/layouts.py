@@ -5,7 +5,7 @@ with ``label`` the index into :data:`skinlesion.labels.CLASSES`, ``lesion_known`
 names no lesion and the image stands for its own (ISIC 2018 without ``*_LesionGroupings.csv``: a bootstrap
 over such "lesions" resamples images) and ``source_row`` the line of the CSV the record came from (for
 error messages). Table-level problems raise :class:`DataError` at once naming the
-file and line; problems with the image files themselves are found by :mod:`skinlesion.data.checks`.
+file and line; problems with the image files themselves are found by :mod:`skinlesion.data.bad_images`.
 """
 
 from __future__ import annotations

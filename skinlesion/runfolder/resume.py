@@ -19,10 +19,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from skinlesion.errors import ConfigError
-from skinlesion.runs import CHECKPOINT_DIR, CONFIG_FILE, RUNS_DIR, read_json, write_json
+from skinlesion.runfolder.files import CHECKPOINT_DIR, CONFIG_FILE, HYDRA_DIR, RUNS_DIR, read_json, write_json
 
 RESUMES_FILE = "resumes.json"
-HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"
+HYDRA_OVERRIDES = Path(HYDRA_DIR) / "overrides.yaml"
 # Settings a resumed run may change: they decide how a run is watched, where files go or how fast it reads.
 ACCEPTED_PREFIXES = (
     "ckpt_path",

@@ -17,14 +17,14 @@ import albumentations as A
 import numpy as np
 import torch
 
-from skinlesion.checkpoints import classifier_from_checkpoint, read_checkpoint
 from skinlesion.data.dataset import to_chw_tensor
 from skinlesion.data.images import DEFAULT_MAX_PIXELS, load_resized, load_rgb
 from skinlesion.data.layouts import load_records
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import ConfigError, DataError
+from skinlesion.inference.tta import predict_proba_tta
 from skinlesion.models.module import SkinLesionClassifier
-from skinlesion.tta import predict_proba_tta
+from skinlesion.runfolder.checkpoints import classifier_from_checkpoint, read_checkpoint
 
 
 def resolve_device(name: str = "auto") -> torch.device:

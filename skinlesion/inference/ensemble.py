@@ -11,8 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from skinlesion.errors import ConfigError
-from skinlesion.report import find_runs
-from skinlesion.runs import BEST_CHECKPOINT, CHECKPOINT_DIR, METRICS_FILE, read_json, run_checkpoint
+from skinlesion.runfolder.files import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    best_checkpoint,
+    find_runs,
+    read_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +31,7 @@ def sweep_checkpoints(folder: Path) -> list[Path]:
     found, skipped = [], []
     for run in find_runs(folder):
         completed = (run / METRICS_FILE).is_file() and read_json(run / METRICS_FILE).get("status") == "completed"
-        (found if completed and run_checkpoint(run).is_file() else skipped).append(run)
+        (found if completed and best_checkpoint(run).is_file() else skipped).append(run)
     if skipped:
         log.warning(
             "ensemble: skipping %d unfinished or failed run(s): %s", len(skipped), ", ".join(r.name for r in skipped)
@@ -35,7 +41,7 @@ def sweep_checkpoints(folder: Path) -> list[Path]:
             f"ensemble={folder}: no completed run with {CHECKPOINT_DIR}/{BEST_CHECKPOINT} in this folder; "
             "pass a training multirun folder or a list of checkpoints"
         )
-    return [run_checkpoint(run) for run in found]
+    return [best_checkpoint(run) for run in found]
 
 
 def ensemble_checkpoints(spec: str | Sequence[str]) -> list[Path]:
@@ -47,8 +53,8 @@ def ensemble_checkpoints(spec: str | Sequence[str]) -> list[Path]:
     for path in paths:
         if not path.is_dir():
             found.append(path)
-        elif run_checkpoint(path).is_file():
-            found.append(run_checkpoint(path))
+        elif best_checkpoint(path).is_file():
+            found.append(best_checkpoint(path))
         else:
             found.extend(sweep_checkpoints(path))
     return found

@@ -18,9 +18,9 @@ import pandas as pd
 import torch
 from sklearn.metrics import classification_report, confusion_matrix
 
-from skinlesion.bootstrap import confidence_intervals, interval_method
 from skinlesion.models.metrics import probability_metrics
 from skinlesion.plots import plot_confusion_matrix
+from skinlesion.scoring.bootstrap import confidence_intervals, interval_method
 
 
 def predictions_frame(
@@ -75,7 +75,7 @@ def write_split_artifacts(
 
 
 def split_interval_method(records: pd.DataFrame) -> dict[str, str]:
-    """:func:`skinlesion.bootstrap.interval_method` of a split's records or of a ``predictions_<split>.csv``
+    """:func:`skinlesion.scoring.bootstrap.interval_method` of a split's records or of a ``predictions_<split>.csv``
     (one written before ``lesion_known`` was recorded counts as lesions, as its intervals were labelled)."""
     if "lesion_known" not in records:
         return interval_method([True] * len(records))

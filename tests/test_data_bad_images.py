@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from skinlesion.data import checks
+from skinlesion.data import bad_images
 from skinlesion.data.datamodule import SkinLesionDataModule
 from skinlesion.data.images import ImageReadError, check_image_file, load_rgb
 from skinlesion.data.preprocessing import Preprocessing
@@ -133,7 +133,7 @@ def test_a_file_that_passes_the_cheap_check_but_fails_to_decode_is_caught_by_the
     spoiled_root, tmp_path: Path, monkeypatch
 ) -> None:
     root, kinds = spoiled_root
-    monkeypatch.setattr(checks, "check_image_file", lambda path, max_pixels: None)  # let everything through
+    monkeypatch.setattr(bad_images, "check_image_file", lambda path, max_pixels: None)  # let everything through
     cache = {"enabled": True, "dir": str(tmp_path / "cache")}
     with pytest.raises(DataError, match=r"4 of 420 listed images are unusable \(") as err:
         datamodule(root, tmp_path, cache=cache).setup()
@@ -149,10 +149,12 @@ def test_skip_reports_each_bad_file_once_when_the_cache_finds_more(
 ) -> None:
     root, kinds = spoiled_root
     truncated = next(i for i, kind in kinds.items() if kind == "truncated file")
-    real_check = checks.check_image_file
-    monkeypatch.setattr(  # the cheap check misses the truncated file; only decoding it finds out
-        checks, "check_image_file", lambda path, max_pixels: None if truncated in path else real_check(path, max_pixels)
-    )
+    real_check = bad_images.check_image_file
+
+    def misses_the_truncated_file(path, max_pixels):  # the cheap check misses it; only decoding it finds out
+        return None if truncated in path else real_check(path, max_pixels)
+
+    monkeypatch.setattr(bad_images, "check_image_file", misses_the_truncated_file)
     dm = datamodule(root, tmp_path, cache={"enabled": True, "dir": str(tmp_path / "cache")}, on_bad_image="skip")
     dm.setup()
     warnings = [r.getMessage() for r in caplog.records if "Skipping them" in r.getMessage()]

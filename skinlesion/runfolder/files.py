@@ -24,6 +24,7 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
 BEST_CHECKPOINT = "best.ckpt"  # best weights + fitted temperature: what evaluation and the tools load
 RUNS_DIR = "runs"
+HYDRA_DIR = ".hydra"  # Hydra's record of a job: its config, overrides and hydra.yaml
 
 
 def _json_safe(value: Any) -> Any:
@@ -77,7 +78,7 @@ def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def run_checkpoint(run_dir: Path) -> Path:
+def best_checkpoint(run_dir: Path) -> Path:
     """The checkpoint that stands for a finished training run."""
     return Path(run_dir) / CHECKPOINT_DIR / BEST_CHECKPOINT
 
@@ -85,3 +86,21 @@ def run_checkpoint(run_dir: Path) -> Path:
 def write_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
     text = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write(run_dir / CONFIG_FILE, lambda tmp: tmp.write_text(text))
+
+
+def is_training_run(run: Path) -> bool:
+    """A training run folder, finished or not: Hydra's record names the job (check, predict and evaluate
+    folders have one too), else metrics.json its task."""
+    hydra_record = run / HYDRA_DIR / "hydra.yaml"
+    if hydra_record.is_file():
+        return OmegaConf.select(OmegaConf.load(hydra_record), "hydra.job.name") == "train"
+    metrics = run / METRICS_FILE
+    if metrics.is_file():
+        return read_json(metrics).get("task", "train") == "train"
+    return (run / HYDRA_DIR / "overrides.yaml").is_file()
+
+
+def find_runs(folder: Path) -> list[Path]:
+    """Every training run folder at or below ``folder``."""
+    candidates = {p.parent for p in folder.rglob(METRICS_FILE)} | {p.parent for p in folder.rglob(HYDRA_DIR)}
+    return sorted(run for run in candidates if is_training_run(run))

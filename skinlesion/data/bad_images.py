@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from skinlesion.data.images import DEFAULT_MAX_PIXELS, check_image_file
-from skinlesion.runs import atomic_write
+from skinlesion.runfolder.files import atomic_write
 from skinlesion.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Scoring predictions: per-split artifacts and metrics, lesion-bootstrap intervals, calibration."""
