@@ -42,6 +42,7 @@ def test_evaluate_reproduces_the_test_metrics_logged_by_training(run: Path, tmp_
     trained = json.loads((run / "metrics.json").read_text())["metrics"]
     assert len(result["metrics"]) > 20 and set(result["metrics"]) <= set(trained)
     assert result["metrics"] == pytest.approx({k: trained[k] for k in result["metrics"]}, abs=1e-5)
+    assert result["split_check"] == {"split_from": "data", "same_as": [str(run / "split.csv")]}
 
     out = tmp_path / "eval"
     ours, theirs = read_predictions(out), read_predictions(run)
@@ -108,6 +109,7 @@ def test_external_isic2018_set_in_one_hot_format(run: Path, tmp_path: Path, synt
     pd.testing.assert_frame_equal(predictions[["image_id", "true"]], expected)
     assert result["images"] == len(expected) == 3 * len(CLASSES)
     assert result["dataset"]["root"] == str(isic)
+    assert result["split_check"] == {"split_from": "external set", "disjoint_from": [str(run / "split.csv")]}
 
     # The same set chosen as a dataset config: the whole of it is the test split.
     again = run_evaluate(tmp_path / "b", checkpoint, "data=isic2018", f"data.root={isic}", "data.subset=Test")

@@ -180,7 +180,7 @@ def check_same_split(records: pd.DataFrame, split_file: Path) -> None:
 
 def read_run_split(split_file: Path) -> pd.DataFrame:
     """The main dataset's rows of a run's ``split.csv`` (an external test set is never part of the split)."""
-    saved = pd.read_csv(split_file, dtype={"image_id": str}, keep_default_na=False)
+    saved = pd.read_csv(split_file, dtype={"image_id": str, "lesion_id": str}, keep_default_na=False)
     return saved[saved["source"] == "main"] if "source" in saved else saved
 
 

@@ -87,12 +87,16 @@ def run_split_file(member: InferenceModel) -> Path | None:
     return split_file
 
 
-def check_external_unseen(members: dict[str, InferenceModel], external: pd.DataFrame, source: str) -> None:
-    """An external test set must hold no image or lesion a member learned from (its run's split.csv says which)."""
+def check_external_unseen(members: dict[str, InferenceModel], external: pd.DataFrame, source: str) -> list[str]:
+    """An external test set must hold no image or lesion a member learned from (its run's split.csv says which);
+    the ``split.csv`` files it was checked against (a moved checkpoint has none)."""
+    checked = []
     for member in members.values():
         if (split_file := run_split_file(member)) is not None:
-            seen = pd.read_csv(split_file, dtype={"image_id": str, "lesion_id": str}, keep_default_na=False)
+            seen = read_run_split(split_file)
             check_disjoint(seen[seen["split"] != "test"], external, f"{source} (against {split_file})")
+            checked.append(str(split_file))
+    return checked
 
 
 def listed_split_file(members: dict[str, InferenceModel], split: str) -> Path:
@@ -129,8 +133,8 @@ def predict_members(
     first_datamodule = next(iter(datamodules.values()))
     records = first_datamodule.records
     if external:  # checked before minutes of predicting
-        check_external_unseen(members, records, str(settings["test_set"]["root"]))
-        split_check = {"split_from": "external set", "checked_disjoint": True}
+        disjoint_from = check_external_unseen(members, records, str(settings["test_set"]["root"]))
+        split_check = {"split_from": "external set", "disjoint_from": disjoint_from}
     elif listed is not None:
         split_check = first_datamodule.split_check
         log.info("%s: %d of the %d listed images found, %d not listed left out", listed, split_check["found"],
