@@ -1,10 +1,10 @@
 """What every Hydra entry point shares: checked group choices, one-line errors, multirun failure handling.
 
-Each ``python -m skinlesion.<tool>`` is a thin Hydra ``main`` over a plain function; this module turns
-a :class:`SkinLesionError` into ``error: <message>`` and exit code 2 instead of a traceback, and in a
-multirun turns any failure of one job into a NaN result so the other jobs go on (the job has already
-recorded its error in its own run folder); the command still exits with status 1 at the end, after the
-sweep's report is written, so scripts and CI see that a job failed.
+Each ``python -m skinlesion.<tool>`` is a thin Hydra ``main`` (:func:`hydra_command`) over a plain
+function; this module turns a :class:`SkinLesionError` into ``error: <message>`` and exit code 2 instead
+of a traceback, and in a multirun turns any failure of one job into a NaN result so the other jobs go
+on (the job has already recorded its error in its own run folder); the command still exits with status
+1 at the end, after the sweep's report is written, so scripts and CI see that a job failed.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from skinlesion.config import CONFIG_DIR
+from skinlesion.config import CONFIG_DIR, CONFIG_PACKAGE
 from skinlesion.errors import ConfigError, FileSystemError, SkinLesionError
 from skinlesion.runfolder.files import check_writable
 
@@ -35,6 +36,7 @@ FAILED_JOBS: dict[str, str] = {}
 # OSErrors that are about the machine, not the code: the user fixes them (a path, permissions, disk space).
 FILESYSTEM_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR}
 RUN_FOLDER_FIX = "set SKINLESION_HOME (or paths.root_dir) to a folder that can be written"
+T = TypeVar("T")
 
 
 class _DropAdverts(logging.Filter):
@@ -154,8 +156,8 @@ def user_error(err: BaseException) -> SkinLesionError | None:
     return None
 
 
-def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run ``task(cfg)`` inside a Hydra job with the project's error conventions."""
+def run_task(task: Callable[[DictConfig], T], cfg: DictConfig) -> T | None:
+    """Run ``task(cfg)`` inside a Hydra job with the project's error conventions; None for a failed multirun job."""
     try:
         return task(cfg)
     except Exception as err:
@@ -164,7 +166,30 @@ def run_task(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
             log.error("job failed: %s", problem or err, exc_info=problem is None)
             cause = one_line(problem) if problem else str(err)
             record_failed_job(HydraConfig.get().runtime.output_dir, f"{type(problem or err).__name__}: {cause}")
-            return math.nan
+            return None
         if problem is None:
             raise
         fail(one_line(problem))
+
+
+def hydra_command(
+    task: Callable[[DictConfig], T], config_name: str, finish: Callable[[T, DictConfig], float | None] | None = None
+) -> Callable[[], None]:
+    """The ``main`` of a command: Hydra over ``task`` with the project's conventions, then ``finish(result, cfg)``
+    (what the command prints, and the value a sweeper optimises) when the task returned a result.
+
+    Every command's primary config names its job (``hydra.job.name``): Hydra would otherwise name it after
+    this module, and the job name is the log file's name and how run folders tell training runs apart.
+    """
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name=config_name)
+    def hydra_main(cfg: DictConfig) -> float | None:
+        result = run_task(task, cfg)
+        if result is None:  # a failed multirun job (recorded), or a DDP rank other than 0
+            return math.nan
+        return finish(result, cfg) if finish is not None else None
+
+    def main() -> None:
+        launch(hydra_main)
+
+    return main

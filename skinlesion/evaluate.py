@@ -15,24 +15,25 @@ Hydra wrapper.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pandas as pd
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from skinlesion import cli
-from skinlesion.config import CONFIG_PACKAGE, to_plain
+from skinlesion.config import to_plain
 from skinlesion.errors import CheckpointError, ConfigError
 from skinlesion.inference.ensemble import ENSEMBLE, ensemble_checkpoints, member_names
 from skinlesion.inference.model import InferenceModel, resolve_device
-from skinlesion.inference.split import SCORED_SPLITS, SplitPredictions, predict_members
+from skinlesion.inference.predictions import SplitPredictions
+from skinlesion.inference.split import SCORED_SPLITS, predict_members
 from skinlesion.inference.tta import tta_views
 from skinlesion.models.metrics import HEADLINE_METRICS
 from skinlesion.plots import plot_roc_grid
-from skinlesion.runfolder.files import METRICS_FILE, write_json, write_resolved_config
+from skinlesion.runfolder.files import write_resolved_config
+from skinlesion.runfolder.summary import COMPLETED, EVALUATE, RunSummary
 from skinlesion.scoring.artifacts import split_interval_method, write_split_artifacts
 from skinlesion.scoring.bootstrap import Resamples, paired_difference
 from skinlesion.scoring.calibration import expected_calibration_error, plot_reliability
@@ -133,9 +134,7 @@ def _check_same_split(members: dict[str, InferenceModel], settings: dict, split:
 
 # ---- the entry point ---------------------------------------------------------------------------------
 def _write(out_dir: Path, split: str, name: str, result: SplitPredictions, records: pd.DataFrame, classes) -> dict:
-    scored = records.loc[result.indices.numpy()]
-    ids = scored["image_id"], scored["lesion_id"]
-    metrics = write_split_artifacts(out_dir, split, result.probs, result.labels, *ids, classes, scored["lesion_known"])
+    metrics = write_split_artifacts(out_dir, split, result, records, classes)
     metrics[f"{split}/ece"] = expected_calibration_error(result.probs, result.labels)
     plot_reliability({name: (result.probs, result.labels)}, out_dir / f"reliability_{split}.png", title=split)
     return metrics
@@ -144,12 +143,13 @@ def _write(out_dir: Path, split: str, name: str, result: SplitPredictions, recor
 def _ensemble_gains(results: dict[str, SplitPredictions], records: pd.DataFrame) -> pd.DataFrame:
     """Balanced accuracy of the ensemble minus each member's on the same images, lesion-bootstrapped in pairs."""
     ensemble = results[ENSEMBLE]
-    labels, preds = ensemble.labels.numpy(), ensemble.probs.argmax(1).numpy()
-    resamples = Resamples.draw(records.loc[ensemble.indices.numpy(), "lesion_id"])
+    resamples = Resamples.draw(ensemble.records_of(records)["lesion_id"])
     rows = []
     for name, member in results.items():
         if name != ENSEMBLE:
-            gain = paired_difference(labels, preds, member.probs.argmax(1).numpy(), resamples, member.probs.shape[1])
+            gain = paired_difference(
+                ensemble.labels.numpy(), ensemble.preds, member.preds, resamples, member.probs.shape[1]
+            )
             rows.append({"model": name, **{f"ensemble_gain_{k}": v for k, v in gain.items()}})
     return pd.DataFrame(rows)
 
@@ -180,7 +180,7 @@ def _write_scores(
     return scores
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def evaluate(cfg: DictConfig) -> RunSummary:
     """Predict, score and write the artifacts; return the summary written to ``metrics.json``."""
     check_settings(cfg, EvaluateSettings)
     views = _check_settings(cfg)
@@ -195,29 +195,28 @@ def evaluate(cfg: DictConfig) -> dict:
     results, records, split_check = predict_members(
         members, settings, split, device, views, cfg.calibrated, cfg.split_from
     )
-    if len(members) > 1:
-        reference = next(iter(results.values()))  # every member scored the same records, in the same order
-        average = torch.stack([r.probs for r in results.values()]).mean(dim=0)
-        results = {ENSEMBLE: SplitPredictions(average, reference.labels, reference.indices), **results}
-    scored = records.loc[next(iter(results.values())).indices.numpy()]
-    intervals = split_interval_method(scored)
+    if len(members) > 1:  # every member scored the same records, in the same order
+        results = {ENSEMBLE: SplitPredictions.average(list(results.values())), **results}
+    headline = next(iter(results.values()))  # the ensemble's, or the single model's
+    intervals = split_interval_method(headline.records_of(records))
     scores = _write_scores(out_dir, split, results, records, first.classes, intervals)
 
     external = settings.get("test_set") if split == "test" else None
-    summary = {
-        "task": "evaluate",
-        "status": "completed",
-        "run_dir": str(out_dir),
-        "split": split,
-        "dataset": external or {k: settings.get(k) for k in ("root", "layout", "subset", "split")},
-        "images": len(next(iter(results.values())).indices),
-        "split_check": split_check,  # how the images were matched to the runs' split.csv
-        "tta_views": views,
-        "calibrated": bool(cfg.calibrated),
-        "ensemble": len(members) > 1,
-        "metrics": next(iter(scores.values())),  # the ensemble's, or the single model's
-        "interval_method": {split: intervals},  # lesions, or images where the set names no lesions
-        "members": {
+    summary = RunSummary(
+        task=EVALUATE,
+        status=COMPLETED,
+        run_dir=str(out_dir),
+        backbone=first.model.spec.name if len(members) == 1 else ENSEMBLE,
+        metrics=scores[next(iter(results))],
+        interval_method={split: intervals},  # lesions, or images where the set names no lesions
+        split=split,
+        dataset=external or {k: settings.get(k) for k in ("root", "layout", "subset", "split")},
+        images=len(headline),
+        split_check=split_check,  # how the images were matched to the runs' split.csv
+        tta_views=views,
+        calibrated=bool(cfg.calibrated),
+        ensemble=len(members) > 1,
+        members={
             name: {
                 "checkpoint": str(m.path),
                 "backbone": m.model.spec.name,
@@ -227,23 +226,17 @@ def evaluate(cfg: DictConfig) -> dict:
             }
             for name, m in members.items()
         },
-    }
-    write_json(out_dir / METRICS_FILE, summary)
+    )
+    summary.write()
     log.info("evaluation folder: %s", out_dir)
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="evaluate")
-def _hydra_main(cfg: DictConfig) -> float:
-    summary = cli.run_task(evaluate, cfg)
-    if not isinstance(summary, dict):
-        return float("nan")
-    return summary["metrics"].get(f"{cfg.split}/balanced_acc", float("nan"))
+def _score(summary: RunSummary, cfg: DictConfig) -> float:
+    return summary.metrics.get(f"{cfg.split}/balanced_acc", math.nan)
 
 
-def main() -> None:
-    cli.launch(_hydra_main)
-
+main = cli.hydra_command(evaluate, "evaluate", _score)
 
 if __name__ == "__main__":
     main()

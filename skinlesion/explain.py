@@ -16,13 +16,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import pandas as pd
 import torch
 from omegaconf import DictConfig
 
 from skinlesion import cli
-from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.data.images import ImageReadError
 from skinlesion.errors import CheckpointError, ConfigError
 from skinlesion.gradcam import (
@@ -97,7 +95,7 @@ def explain_split(
     settings = loaded.data | ({"root": data_root} if data_root else {})
     datamodule = datamodule_for(settings, loaded.model.preprocessing, split)
     result = predict_split(loaded.model, datamodule, split, loaded.model.device, views=1, calibrated=calibrated)
-    records = datamodule.records.loc[result.indices.numpy()]
+    records = result.records_of(datamodule.records)
     return write_split_gallery(
         loaded.model,
         datamodule.datasets[split],
@@ -143,17 +141,12 @@ def explain(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="explain")
-def _hydra_main(cfg: DictConfig) -> None:
-    summary = cli.run_task(explain, cfg)
-    if isinstance(summary, dict):
-        unreadable = f", {summary['failed']} unreadable" if summary["failed"] else ""
-        print(f"{summary['images']} images ({summary['method']}{unreadable}): {summary['table']}")
+def _show(summary: dict, cfg: DictConfig) -> None:
+    unreadable = f", {summary['failed']} unreadable" if summary["failed"] else ""
+    print(f"{summary['images']} images ({summary['method']}{unreadable}): {summary['table']}")
 
 
-def main() -> None:
-    cli.launch(_hydra_main)
-
+main = cli.hydra_command(explain, "explain", _show)
 
 if __name__ == "__main__":
     main()

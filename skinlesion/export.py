@@ -28,14 +28,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import albumentations as A
-import hydra
 import numpy as np
 import onnx
 import torch
 from omegaconf import DictConfig
 
 from skinlesion import cli
-from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.errors import ConfigError, SkinLesionError
 from skinlesion.inference.model import InferenceModel, required_path
 from skinlesion.models.module import SkinLesionClassifier
@@ -200,20 +198,15 @@ def export(cfg: DictConfig) -> dict:
     return {"onnx": str(target), "json": str(sidecar), "parity": parity}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="export")
-def _hydra_main(cfg: DictConfig) -> None:
-    result = cli.run_task(export, cfg)
-    if isinstance(result, dict):
-        parity = result["parity"]
-        print(
-            f"{result['onnx']}\n{result['json']}\nparity ({parity['runtime']}, batch sizes {parity['batch_sizes']}): "
-            f"max |ONNX - PyTorch| = {parity['max_abs_diff']:.2e} (limit {parity['atol']:.0e})"
-        )
+def _show(result: dict, cfg: DictConfig) -> None:
+    parity = result["parity"]
+    print(
+        f"{result['onnx']}\n{result['json']}\nparity ({parity['runtime']}, batch sizes {parity['batch_sizes']}): "
+        f"max |ONNX - PyTorch| = {parity['max_abs_diff']:.2e} (limit {parity['atol']:.0e})"
+    )
 
 
-def main() -> None:
-    cli.launch(_hydra_main)
-
+main = cli.hydra_command(export, "export", _show)
 
 if __name__ == "__main__":
     main()

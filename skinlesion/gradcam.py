@@ -30,7 +30,7 @@ from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.images import load_rgb
 from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.errors import ConfigError
-from skinlesion.inference.model import format_top_k
+from skinlesion.inference.predictions import SplitPredictions, format_top_k
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.plots import plt, save_figure
 
@@ -289,21 +289,23 @@ def explanation_row(item: Explanation, classes: Sequence[str]) -> dict:
 
 
 def write_validation_gallery(
-    module: SkinLesionClassifier, datamodule: SkinLesionDataModule, run_dir: Path, per_class: int, method: str
+    module: SkinLesionClassifier,
+    datamodule: SkinLesionDataModule,
+    val: SplitPredictions,
+    run_dir: Path,
+    per_class: int,
+    method: str,
 ) -> pd.DataFrame:
-    """The end-of-training gallery in ``<run>/gradcam/``, from the validation outputs the module kept
+    """The end-of-training gallery in ``<run>/gradcam/``, from the validation predictions training already made
     (best weights, calibrated probabilities), so no second pass over the split is needed."""
-    out = module.outputs.get("val")
-    if out is None or per_class < 1:
+    if per_class < 1:
         return pd.DataFrame()
-    probs = (out["logits"].float() / float(module.temperature)).softmax(1)
-    records = datamodule.records.loc[out["indices"].numpy()]
     frame = write_split_gallery(
         module,
         datamodule.datasets["val"],
-        records,
-        probs,
-        out["labels"],
+        val.records_of(datamodule.records),
+        val.probs,
+        val.labels,
         run_dir / GALLERY_DIR,
         per_class,
         method,

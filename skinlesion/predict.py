@@ -16,16 +16,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import pandas as pd
 import torch
 from omegaconf import DictConfig
 
 from skinlesion import cli
-from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.data.images import ImageReadError
 from skinlesion.errors import ConfigError
-from skinlesion.inference.model import InferenceModel, format_top_k, list_images, required_path
+from skinlesion.inference.model import InferenceModel, list_images, required_path
+from skinlesion.inference.predictions import PROB_PREFIX, decision
 from skinlesion.inference.tta import tta_views
 from skinlesion.runfolder.files import atomic_write, check_writable, write_json
 from skinlesion.settings import PredictSettings, check_settings
@@ -49,12 +48,13 @@ def output_path(out: str | None, run_dir: Path) -> Path:
 
 def _rows(model: InferenceModel, paths: list[Path], probs: torch.Tensor) -> list[dict]:
     classes = model.classes
-    rows = []
-    for path, p in zip(paths, probs.numpy(), strict=True):
-        k = int(p.argmax())
-        row = {"path": str(path), "pred": classes[k], "confidence": float(p[k]), "top3": format_top_k(p, classes)}
-        rows.append(row | {f"prob_{name}": float(v) for name, v in zip(classes, p, strict=True)} | {"error": ""})
-    return rows
+    return [
+        {"path": str(path)}
+        | decision(p, classes)
+        | {f"{PROB_PREFIX}{name}": float(v) for name, v in zip(classes, p, strict=True)}
+        | {"error": ""}
+        for path, p in zip(paths, probs.numpy(), strict=True)
+    ]
 
 
 def predict_files(
@@ -77,7 +77,7 @@ def predict_files(
             predicted.get(path) or {"path": str(path), "error": errors[path]}
             for path in paths[start : start + batch_size]
         ]
-    columns = ["path", "pred", "confidence", "top3", *(f"prob_{c}" for c in model.classes), "error"]
+    columns = ["path", "pred", "confidence", "top3", *(f"{PROB_PREFIX}{c}" for c in model.classes), "error"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -113,19 +113,14 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     return frame
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="predict")
-def _hydra_main(cfg: DictConfig) -> None:
-    frame = cli.run_task(predict, cfg)
-    if isinstance(frame, pd.DataFrame):
-        shown = frame.head(SHOWN_ROWS)[["path", "top3", "error"]].fillna("")
-        print(shown.to_string(index=False, max_colwidth=70))
-        if len(frame) > SHOWN_ROWS:
-            print(f"... {len(frame) - SHOWN_ROWS} more rows in the CSV")
+def _show(frame: pd.DataFrame, cfg: DictConfig) -> None:
+    shown = frame.head(SHOWN_ROWS)[["path", "top3", "error"]].fillna("")
+    print(shown.to_string(index=False, max_colwidth=70))
+    if len(frame) > SHOWN_ROWS:
+        print(f"... {len(frame) - SHOWN_ROWS} more rows in the CSV")
 
 
-def main() -> None:
-    cli.launch(_hydra_main)
-
+main = cli.hydra_command(predict, "predict", _show)
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -27,13 +26,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from skinlesion import cli
+from skinlesion.callbacks.finetune import TwoStageFinetuning
 from skinlesion.callbacks.history import TrainingHistory
-from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.data.datamodule import SPLIT_FILE, SkinLesionDataModule
 from skinlesion.data.layouts import load_records
 from skinlesion.data.splits import check_same_split
 from skinlesion.errors import CheckpointError, ConfigError
 from skinlesion.gradcam import check_method, write_validation_gallery
+from skinlesion.inference.predictions import SplitPredictions
 from skinlesion.models.backbone import count_parameters
 from skinlesion.models.converted import describe_weights
 from skinlesion.models.module import SkinLesionClassifier
@@ -43,11 +43,11 @@ from skinlesion.runfolder.files import (
     CONFIG_FILE,
     METRICS_FILE,
     best_checkpoint,
-    read_json,
     write_json,
     write_resolved_config,
 )
 from skinlesion.runfolder.resume import check_resume, record_resume, replayed_overrides, resume_arguments
+from skinlesion.runfolder.summary import COMPLETED, FAILED, FAILURE_FILE, TRAIN, RunSummary
 from skinlesion.scoring.artifacts import split_interval_method, write_split_artifacts
 from skinlesion.scoring.calibration import fit_temperature, write_calibration
 from skinlesion.settings import TrainSettings, check_settings
@@ -104,21 +104,25 @@ def _resume_overrides(run_dir: Path) -> list[str]:
 
 def _record_failure(run_dir: Path, cfg: DictConfig, err: BaseException) -> None:
     """Write the error where the report looks for it, without replacing a completed run's metrics."""
-    target = run_dir / METRICS_FILE
-    if target.is_file() and read_json(target).get("status") == "completed":
-        target = run_dir / "failure.json"
+    target = run_dir
+    if RunSummary.exists(run_dir) and RunSummary.read(run_dir).completed:
+        target = run_dir / FAILURE_FILE
     problem = cli.user_error(err)  # the ConfigError, not Hydra's InstantiationException around it
     cause, message = (problem, cli.one_line(problem)) if problem else (err, str(err))
-    record = {
-        "status": "failed",
-        "error": f"{type(cause).__name__}: {message}",
-        "traceback": traceback.format_exc(limit=20),
-        "backbone": cfg.model.name,
-        "seed": cfg.seed,
-        "run_dir": str(run_dir),
-    }
+    summary = RunSummary(
+        task=TRAIN,
+        status=FAILED,
+        run_dir=str(run_dir),
+        backbone=cfg.model.name,
+        seed=cfg.seed,
+        error=f"{type(cause).__name__}: {message}",
+        traceback=traceback.format_exc(limit=20),
+    )
     try:
-        write_json(target, record)
+        if target.suffix == ".json":
+            write_json(target, summary.to_dict())
+        else:
+            summary.write(target)
     except OSError as write_error:  # an unwritable run folder: the error itself is what the user must see
         log.warning("could not record the failure in %s: %s", target, write_error)
 
@@ -137,8 +141,9 @@ def _check_distributed_launch(trainer: L.Trainer) -> None:
         )
 
 
-def train(cfg: DictConfig) -> dict:
-    """Fit, pick the best checkpoint, calibrate, test; return the summary written to ``metrics.json``."""
+def train(cfg: DictConfig) -> RunSummary | None:
+    """Fit, pick the best checkpoint, calibrate, test; return the summary written to ``metrics.json`` (None on
+    DDP ranks other than 0, which write nothing)."""
     run_dir = Path(cfg.paths.output_dir)
     resumed_folder = (run_dir / CONFIG_FILE).is_file()  # ckpt_path=... continues a run in its own folder
     try:  # impossible values, a missing, corrupt or foreign checkpoint, or changed settings: before any work
@@ -167,7 +172,7 @@ def _check_resumed_split(cfg: DictConfig, split_file: Path) -> None:
     check_same_split(records, split_file)
 
 
-def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes: dict | None) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes: dict | None) -> RunSummary | None:
     if rank_zero_only.rank == 0 and resume_changes is None:  # a resumed run keeps its config.yaml
         write_resolved_config(cfg, run_dir)
     if cfg.data.get("synthetic") is None:  # a missing dataset fails here, before any model is built
@@ -183,11 +188,11 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
         output_dir=str(run_dir),
         generate_synthetic=resume_changes is None,  # a resumed run needs the very set it was started on
     )
-    finetune = instantiate(cfg.finetune)
+    finetune: TwoStageFinetuning = instantiate(cfg.finetune)
     callbacks = [*_instantiate_section(cfg.callbacks, "callbacks"), finetune]
     loggers = _instantiate_section(cfg.logger, "logger")
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    finetune.check(module, trainer.max_epochs)  # before fit, where the image cache may take minutes to build
+    finetune.resolve(module, trainer.max_epochs)  # before fit, where the image cache may take minutes to build
     _check_distributed_launch(trainer)
 
     start = time.perf_counter()
@@ -198,52 +203,56 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
     history = next((c for c in callbacks if isinstance(c, TrainingHistory)), None)
     last_epoch = dict(history.rows[-1]) if history and history.rows else {}
 
+    # The best weights on val, the temperature fitted on those predictions, then test with it.
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     losses = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-    calibration = _calibrate(cfg, module)
+    uncalibrated = {"val": module.take_predictions("val")}
+    calibration = _calibrate(cfg, module, uncalibrated["val"])
     if datamodule.has_test:
         losses |= trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        uncalibrated["test"] = module.take_predictions("test")
     best_file = best_checkpoint(run_dir)
     trainer.save_checkpoint(best_file, weights_only=True)  # best weights + temperature
     if not trainer.is_global_zero:
-        return {}
+        return None
 
     metrics = {k: v for k, v in losses.items() if k.endswith("/loss")}  # the training loss on the best weights
     intervals = {}  # what each split's bootstrap intervals resample: lesions, or images where none are named
-    for split in ("val", "test"):
-        if (written := _split_artifacts(module, datamodule, run_dir, split)) is not None:
-            metrics |= written[0]
-            intervals[split] = written[1]
+    for split, predictions in uncalibrated.items():
+        metrics |= _split_artifacts(predictions, module, datamodule, run_dir, split, calibration["temperature"])
+        intervals[split] = split_interval_method(predictions.records_of(datamodule.records))
     total, trainable = count_parameters(module.backbone)
-    summary = {
-        "status": "completed",
-        "run_dir": str(run_dir),
-        "backbone": cfg.model.name,
-        "timm_name": cfg.model.timm_name,
-        "pretrained": bool(cfg.model.pretrained or cfg.model.weights),
-        "weights": describe_weights(cfg.model.timm_name, cfg.model.weights, cfg.model.pretrained),
-        "image_size": module.preprocessing.image_size,
-        "seed": cfg.seed,
-        "monitor": cfg.monitor,
-        "best_epoch": _best_epoch(history, cfg.monitor, cfg.monitor_mode),
-        "best_score": float(checkpoint.best_model_score) if best and checkpoint.best_model_score is not None else None,
-        "best_checkpoint": str(best_file),
-        "epochs": trainer.current_epoch,
-        "params_total": total,
-        "params_trainable": trainable,
-        "finetune": finetune.describe(module),  # what each stage trained: the stage-2 share of the backbone
-        "train_time_s": round(history.train_time_s, 2) if history else None,
-        "fit_time_s": round(fit_time, 2),
-        "train_images_per_s": round(history.images_per_s, 1) if history else None,
-        "calibration": calibration,
-        "metrics": metrics,
-        "interval_method": intervals,
-        "last_epoch": last_epoch,
-    }
-    write_json(run_dir / METRICS_FILE, summary)
+    summary = RunSummary(
+        task=TRAIN,
+        status=COMPLETED,
+        run_dir=str(run_dir),
+        backbone=cfg.model.name,
+        seed=cfg.seed,
+        metrics=metrics,
+        interval_method=intervals,
+        timm_name=cfg.model.timm_name,
+        pretrained=bool(cfg.model.pretrained or cfg.model.weights),
+        weights=describe_weights(cfg.model.timm_name, cfg.model.weights, cfg.model.pretrained),
+        image_size=module.preprocessing.image_size,
+        monitor=cfg.monitor,
+        best_epoch=_best_epoch(history, cfg.monitor, cfg.monitor_mode),
+        best_score=float(checkpoint.best_model_score) if best and checkpoint.best_model_score is not None else None,
+        best_checkpoint=str(best_file),
+        epochs=trainer.current_epoch,
+        params_total=total,
+        params_trainable=trainable,
+        finetune=finetune.describe(module),  # what each stage trained: the stage-2 share of the backbone
+        train_time_s=round(history.train_time_s, 2) if history else None,
+        fit_time_s=round(fit_time, 2),
+        train_images_per_s=round(history.images_per_s, 1) if history else None,
+        calibration=calibration,
+        last_epoch=last_epoch,
+    )
+    summary.write()
     if cfg.gallery.enabled:  # after metrics.json: a figure problem never costs the run its results
-        write_validation_gallery(module, datamodule, run_dir, cfg.gallery.per_class, cfg.gallery.method)
+        calibrated_val = uncalibrated["val"].with_temperature(calibration["temperature"])
+        write_validation_gallery(module, datamodule, calibrated_val, run_dir, cfg.gallery.per_class, cfg.gallery.method)
     log.info("run folder: %s", run_dir)
     return summary
 
@@ -256,31 +265,25 @@ def _best_epoch(history: TrainingHistory | None, monitor: str, mode: str) -> int
     return (max if mode == "max" else min)(scores, key=lambda score: score[0])[1]
 
 
-def _calibrate(cfg: DictConfig, module: SkinLesionClassifier) -> dict:
-    """Fit the temperature on the validation outputs of the best weights; best.ckpt stores it."""
-    val = module.outputs["val"]
-    temperature = fit_temperature(val["logits"], val["labels"]) if cfg.calibrate else 1.0
+def _calibrate(cfg: DictConfig, module: SkinLesionClassifier, val: SplitPredictions) -> dict:
+    """Fit the temperature on the validation predictions of the best weights; best.ckpt stores it."""
+    temperature = fit_temperature(val.logits, val.labels) if cfg.calibrate else 1.0
     module.temperature.fill_(temperature)
     return {"temperature": temperature, "fitted_on": "val" if cfg.calibrate else None}
 
 
 def _split_artifacts(
-    module: SkinLesionClassifier, datamodule: SkinLesionDataModule, run_dir: Path, split: str
-) -> tuple[dict, dict] | None:
-    """The split's metrics and how its intervals were resampled; None when the run has no such split."""
-    out = module.outputs.get(split)
-    if out is None:
-        return None
-    records = datamodule.records.loc[out["indices"].numpy()]
-    temperature = float(module.temperature)
-    probs = (out["logits"] / temperature).softmax(1)
-    ids = records["image_id"], records["lesion_id"]
-    metrics = write_split_artifacts(
-        run_dir, split, probs, out["labels"], *ids, module.class_names, records["lesion_known"]
-    )
-    # ECE and NLL before/after temperature scaling, and reliability_<split>.png
-    metrics |= write_calibration(run_dir, split, out["logits"], out["labels"], temperature)
-    return metrics, split_interval_method(records)
+    predictions: SplitPredictions,
+    module: SkinLesionClassifier,
+    datamodule: SkinLesionDataModule,
+    run_dir: Path,
+    split: str,
+    temperature: float,
+) -> dict:
+    """The split's artifacts from its calibrated probabilities, and ECE/NLL before and after calibration."""
+    calibrated = predictions.with_temperature(temperature)
+    metrics = write_split_artifacts(run_dir, split, calibrated, datamodule.records, module.class_names)
+    return metrics | write_calibration(run_dir, split, predictions, temperature)  # and reliability_<split>.png
 
 
 def _score(metrics: dict, split: str, name: str, resampled: str = "lesion") -> str:
@@ -289,18 +292,18 @@ def _score(metrics: dict, split: str, name: str, resampled: str = "lesion") -> s
     return text if low is None else f"{text} (95% {resampled}-bootstrap CI {low:.3f}-{high:.3f})"
 
 
-def _print_summary(summary: dict) -> None:
+def _print_summary(summary: RunSummary) -> None:
     """Where everything went, and the headline numbers, for the person at the terminal."""
-    run = Path(summary["run_dir"])
-    metrics = summary["metrics"]
+    run = Path(summary.run_dir)
+    metrics = summary.metrics
     split = "test" if "test/balanced_acc" in metrics else "val"
     headline = ", ".join(
-        _score(metrics, split, name, summary.get("interval_method", {}).get(split, {}).get("resampled", "lesion"))
+        _score(metrics, split, name, summary.interval_method.get(split, {}).get("resampled", "lesion"))
         for name in ("balanced_acc", "acc", "auroc_macro")
         if f"{split}/{name}" in metrics
     )
     plots = ", ".join(sorted(p.name for p in run.glob("*.png")))
-    stages = summary["finetune"]
+    stages = summary.finetune
     stage2 = (
         f"stage 2 ({stages['rule']}) {stages['stage2_trainable_params']:,} ({stages['stage2_backbone_share']:.1%} of "
         f"the backbone's {stages['backbone_params']:,}) from epoch {stages['unfreeze_at_epoch']}"
@@ -308,31 +311,31 @@ def _print_summary(summary: dict) -> None:
         else "no stage 2 (head only)"
     )
     print(
-        f"\n{summary['backbone']}: {split} {headline}\n"
-        f"  weights      {summary['weights']}\n"
+        f"\n{summary.backbone}: {split} {headline}\n"
+        f"  weights      {summary.weights}\n"
         f"  trained      stage 1 (new head) {stages['stage1_trainable_params']:,} parameters; {stage2}\n"
         f"  run folder   {run}\n"
         f"  metrics      {run / METRICS_FILE}\n"
-        f"  checkpoint   {summary['best_checkpoint']}\n"
+        f"  checkpoint   {summary.best_checkpoint}\n"
         f"  plots        {plots}"
     )
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="train")
-def _hydra_main(cfg: DictConfig) -> float:
-    summary = cli.run_task(train, cfg)
-    if not isinstance(summary, dict) or not summary:  # a failed multirun job, or a DDP rank other than 0
-        return math.nan
+def _finish(summary: RunSummary, cfg: DictConfig) -> float:
+    """The headline for the person at the terminal; the optimised metric for a sweeper."""
     if not cli.is_multirun():
         _print_summary(summary)
-    return summary["metrics"].get(cfg.optimized_metric, float("nan"))
+    return summary.metrics.get(cfg.optimized_metric, math.nan)
+
+
+_launch = cli.hydra_command(train, "train", _finish)
 
 
 def main() -> None:
     outputs = Path(os.environ.get("SKINLESION_HOME", ".")) / "outputs"
     sys.argv[1:] = resume_arguments(sys.argv[1:], outputs, Path.cwd())
     torch.set_float32_matmul_precision("high")
-    cli.launch(_hydra_main)
+    _launch()
 
 
 if __name__ == "__main__":

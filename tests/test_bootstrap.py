@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
+from skinlesion.inference.predictions import SplitPredictions
 from skinlesion.labels import CLASSES
 from skinlesion.models.metrics import probability_metrics
 from skinlesion.scoring.artifacts import write_split_artifacts
@@ -107,7 +109,9 @@ def test_balanced_accuracy_of_artifacts_and_bootstrap_leaves_out_a_class_that_is
     probs = torch.nn.functional.one_hot(torch.tensor(preds), K).float() * 0.9 + 0.1 / K
     lesions = [f"lesion_{i // 2}" for i in range(len(labels))]
     ids = [f"image_{i}" for i in range(len(labels))]
-    metrics = write_split_artifacts(tmp_path, "test", probs, torch.tensor(labels), ids, lesions, CLASSES)
+    records = pd.DataFrame({"image_id": ids, "lesion_id": lesions})
+    predictions = SplitPredictions(probs, torch.tensor(labels), torch.arange(len(labels)))
+    metrics = write_split_artifacts(tmp_path, "test", predictions, records, CLASSES)
     assert metrics["test/balanced_acc"] == pytest.approx(expected, abs=1e-6)
     resamples = Resamples.draw(lesions, n_resamples=200)
     full = Resamples(np.ones((1, 5), np.float32), resamples.lesion_of_image)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from skinlesion.inference.predictions import SplitPredictions
 from skinlesion.scoring.calibration import (
     calibration_metrics,
     expected_calibration_error,
@@ -90,7 +91,8 @@ def test_temperature_never_makes_nll_worse_on_degenerate_outputs() -> None:
 
 def test_write_calibration_draws_the_diagram_and_reports_both_sides(tmp_path: Path) -> None:
     logits, labels = synthetic_logits(500, 3.0)
-    metrics = write_calibration(tmp_path, "test", logits, labels, temperature=3.0)
+    predictions = SplitPredictions.from_logits(logits, labels, torch.arange(len(labels)))
+    metrics = write_calibration(tmp_path, "test", predictions, temperature=3.0)
     assert (tmp_path / "reliability_test.png").stat().st_size > 0
     assert set(metrics) == {"test/ece", "test/ece_uncalibrated", "test/nll", "test/nll_uncalibrated"}
     assert metrics["test/nll"] < metrics["test/nll_uncalibrated"]

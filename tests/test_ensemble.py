@@ -16,6 +16,7 @@ from skinlesion.evaluate import evaluate
 from skinlesion.inference.ensemble import ensemble_checkpoints, member_names
 from skinlesion.labels import CLASSES
 from skinlesion.runfolder.files import write_json
+from skinlesion.runfolder.summary import RunSummary
 
 from conftest import compose_config
 
@@ -41,7 +42,7 @@ def members(tmp_path_factory: pytest.TempPathFactory, trained_run: Path) -> tupl
     return first, second
 
 
-def run_evaluate(out: Path, *overrides: str) -> dict:
+def run_evaluate(out: Path, *overrides: str) -> RunSummary:
     return evaluate(compose_config("evaluate", [f"paths.root_dir={out}", f"paths.output_dir={out}", *overrides]))
 
 
@@ -67,18 +68,18 @@ def test_ensemble_averages_the_members_exactly(members: tuple[Path, Path], tmp_p
         parts[1][PROBS].to_numpy(),
         atol=1e-6,
     )
-    assert result["members"]["other"]["image_size"] == 40
-    assert result["members"]["other"]["metrics"] == pytest.approx(alone["metrics"])
-    assert result["ensemble"] is True
+    assert result.members["other"]["image_size"] == 40
+    assert result.members["other"]["metrics"] == pytest.approx(alone.metrics)
+    assert result.ensemble is True
     table = pd.read_csv(out / "models_test.csv")
     assert list(table["model"]) == ["ensemble", *names]
-    assert table.loc[0, "balanced_acc"] == pytest.approx(result["metrics"]["test/balanced_acc"])
+    assert table.loc[0, "balanced_acc"] == pytest.approx(result.metrics["test/balanced_acc"])
     for i in range(1, len(names) + 1):  # the ensemble's gain over each member, on the same images
         gain = table.loc[i, "ensemble_gain_difference"]
         assert gain == pytest.approx(table.loc[0, "balanced_acc"] - table.loc[i, "balanced_acc"], abs=1e-6)
         assert table.loc[i, "ensemble_gain_low"] <= gain <= table.loc[i, "ensemble_gain_high"]
     assert table.loc[0, ["ensemble_gain_difference", "ensemble_gain_low"]].isna().all()
-    assert json.loads((out / "metrics.json").read_text())["metrics"] == pytest.approx(result["metrics"])
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == pytest.approx(result.metrics)
 
 
 def test_ensemble_of_a_multirun_folder_uses_every_completed_run(members: tuple[Path, Path], tmp_path: Path) -> None:
@@ -101,8 +102,8 @@ def test_ensemble_of_a_multirun_folder_uses_every_completed_run(members: tuple[P
     assert "ensemble" not in member_names([sweep / "ensemble" / "checkpoints" / "best.ckpt", best_checkpoint])
 
     result = run_evaluate(tmp_path / "out", f"ensemble={sweep}", "split=val", "tta=true", "tta_views=2")
-    assert sorted(result["members"]) == ["0_mobilenetv2_seed0", "1_mobilenetv2_seed1"]
-    assert result["tta_views"] == 2 and "val/balanced_acc" in result["metrics"]
+    assert sorted(result.members) == ["0_mobilenetv2_seed0", "1_mobilenetv2_seed1"]
+    assert result.tta_views == 2 and "val/balanced_acc" in result.metrics
 
     with pytest.raises(ConfigError, match="no completed run"):
         ensemble_checkpoints(str(sweep / "2_inception_v3_seed0"))

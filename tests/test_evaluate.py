@@ -17,6 +17,7 @@ from skinlesion.evaluate import evaluate
 from skinlesion.inference.tta import predict_proba_tta
 from skinlesion.labels import CLASSES, ISIC_COLUMNS
 from skinlesion.runfolder.checkpoints import load_classifier
+from skinlesion.runfolder.summary import RunSummary
 
 from conftest import compose_config, run_cli
 
@@ -28,7 +29,7 @@ def run(trained_run: Path) -> Path:
     return trained_run
 
 
-def run_evaluate(tmp_path: Path, *overrides: str) -> dict:
+def run_evaluate(tmp_path: Path, *overrides: str) -> RunSummary:
     out = tmp_path / "eval"
     return evaluate(compose_config("evaluate", [f"paths.root_dir={tmp_path}", f"paths.output_dir={out}", *overrides]))
 
@@ -40,9 +41,9 @@ def read_predictions(folder: Path, split: str = "test") -> pd.DataFrame:
 def test_evaluate_reproduces_the_test_metrics_logged_by_training(run: Path, tmp_path: Path) -> None:
     result = run_evaluate(tmp_path, f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}")
     trained = json.loads((run / "metrics.json").read_text())["metrics"]
-    assert len(result["metrics"]) > 20 and set(result["metrics"]) <= set(trained)
-    assert result["metrics"] == pytest.approx({k: trained[k] for k in result["metrics"]}, abs=1e-5)
-    assert result["split_check"] == {"split_from": "data", "same_as": [str(run / "split.csv")]}
+    assert len(result.metrics) > 20 and set(result.metrics) <= set(trained)
+    assert result.metrics == pytest.approx({k: trained[k] for k in result.metrics}, abs=1e-5)
+    assert result.split_check == {"split_from": "data", "same_as": [str(run / "split.csv")]}
 
     out = tmp_path / "eval"
     ours, theirs = read_predictions(out), read_predictions(run)
@@ -75,7 +76,7 @@ def test_tta_changes_probabilities_but_not_shapes(run: Path, tmp_path: Path) -> 
     assert tta.shape == plain.shape and list(tta["image_id"]) == list(plain["image_id"])
     np.testing.assert_allclose(tta[PROBS].sum(axis=1), 1.0, atol=1e-5)
     assert not np.allclose(tta[PROBS].to_numpy(), plain[PROBS].to_numpy(), atol=1e-4)
-    assert result["tta_views"] == 8 and "val/balanced_acc" in result["metrics"]
+    assert result.tta_views == 8 and "val/balanced_acc" in result.metrics
 
     model = load_classifier(checkpoint)
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
@@ -107,22 +108,22 @@ def test_external_isic2018_set_in_one_hot_format(run: Path, tmp_path: Path, synt
     result = run_evaluate(tmp_path / "a", checkpoint, f"data.test_set.root={isic}", "data.test_set.layout=isic2018")
     predictions = read_predictions(tmp_path / "a" / "eval").sort_values("image_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(predictions[["image_id", "true"]], expected)
-    assert result["images"] == len(expected) == 3 * len(CLASSES)
-    assert result["dataset"]["root"] == str(isic)
-    assert result["split_check"] == {"split_from": "external set", "disjoint_from": [str(run / "split.csv")]}
+    assert result.images == len(expected) == 3 * len(CLASSES)
+    assert result.dataset["root"] == str(isic)
+    assert result.split_check == {"split_from": "external set", "disjoint_from": [str(run / "split.csv")]}
 
     # The same set chosen as a dataset config: the whole of it is the test split.
     again = run_evaluate(tmp_path / "b", checkpoint, "data=isic2018", f"data.root={isic}", "data.subset=Test")
-    assert again["metrics"] == pytest.approx(result["metrics"], abs=1e-6)
+    assert again.metrics == pytest.approx(result.metrics, abs=1e-6)
 
     # A dataset config with a test_set of its own: that test set, not the dataset, is evaluated.
     paired = run_evaluate(tmp_path / "d", checkpoint, "data=ham10000_isic2018_test", f"data.test_set.root={isic}")
-    assert paired["metrics"] == pytest.approx(result["metrics"], abs=1e-6)
+    assert paired.metrics == pytest.approx(result.metrics, abs=1e-6)
 
     # A checkpoint shared without its training data: the external set alone is read.
     elsewhere = (f"data.root={tmp_path / 'training-data-not-here'}", f"data.test_set.root={isic}")
     alone = run_evaluate(tmp_path / "c", checkpoint, *elsewhere, "data.test_set.layout=isic2018")
-    assert alone["metrics"] == pytest.approx(result["metrics"], abs=1e-6)
+    assert alone.metrics == pytest.approx(result.metrics, abs=1e-6)
 
 
 def test_an_external_set_holding_training_images_is_refused(run: Path, tmp_path: Path, synthetic_root: Path) -> None:
@@ -140,7 +141,7 @@ def test_an_external_set_holding_training_images_is_refused(run: Path, tmp_path:
     alone = tmp_path / "shared" / "model.ckpt"
     alone.parent.mkdir()
     shutil.copy(checkpoint, alone)
-    assert run_evaluate(tmp_path / "b", f"ckpt_path={alone}", *external)["images"] == 3 * len(CLASSES)
+    assert run_evaluate(tmp_path / "b", f"ckpt_path={alone}", *external).images == 3 * len(CLASSES)
 
 
 def test_checkpoints_and_settings_fail_with_one_clear_message(run: Path, tmp_path: Path) -> None:
@@ -185,7 +186,7 @@ def test_a_set_without_lesion_groupings_has_image_bootstrap_intervals_and_warns_
     warnings = [r for r in caplog.records if "ISIC2018_Task3_Test_LesionGroupings.csv not found" in r.getMessage()]
     assert len(warnings) == 1 and "resample images" in warnings[0].getMessage()
     method = json.loads((tmp_path / "a" / "eval" / "metrics.json").read_text())["interval_method"]
-    assert method == result["interval_method"]
+    assert method == result.interval_method
     assert method["test"]["resampled"] == "image" and "no lesion groupings" in method["test"]["reason"]
     assert pd.read_csv(tmp_path / "a" / "eval" / "models_test.csv")["ci_resampled"].tolist() == ["image"]
     assert not read_predictions(tmp_path / "a" / "eval")["lesion_known"].any()

@@ -150,7 +150,7 @@ def test_default_share_trains_the_same_part_of_every_backbone(classifier: SkinLe
     cfg = compose_config("train", [f"model={classifier.spec.name}"])
     callback = instantiate(cfg.finetune)
     assert (callback.share, callback.num_blocks) == (0.7, None)  # the default recipe
-    callback.check(classifier, max_epochs=15)  # stage 2 from epoch 5
+    callback.resolve(classifier, max_epochs=15)  # stage 2 from epoch 5
     classifier.train()
     callback.apply(classifier, 10)
     model = classifier.backbone
@@ -273,7 +273,7 @@ def fit(
     unfreeze_at_epoch: int | None = 1,
     ckpt_path: str | None = None,
 ) -> tuple[SkinLesionClassifier, Probe, L.Trainer]:
-    module = build("mobilenetv2", f"scheduler={scheduler}", backbone_lr=1.0)  # the callback's lr must win
+    module = build("mobilenetv2", f"scheduler={scheduler}")
     probe = Probe()
     callbacks = [
         TwoStageFinetuning(unfreeze_at_epoch=unfreeze_at_epoch, num_blocks=1, backbone_lr=BACKBONE_LR),
@@ -303,7 +303,7 @@ def test_unfreezing_keeps_every_scheduler_s_schedule(tmp_path: Path, scheduler: 
     assert trainer.current_epoch == 3
     assert probe.epochs[0]["trainable"] < probe.epochs[1]["trainable"]  # stage 2 ran
     assert len({e["groups"] for e in probe.epochs.values()}) == 1  # no param group was ever added
-    assert module.hparams.backbone_lr == BACKBONE_LR  # handed over by the callback
+    assert module.hparams.backbone_lr == BACKBONE_LR  # the callback reads it, never writes it
     assert bool(module.use_class_weights) and torch.equal(module.class_weights, RandomImages().class_weights)
     for lrs in probe.lrs:
         assert lrs["backbone"] == pytest.approx(lrs["head"] * BACKBONE_LR / HEAD_LR)
@@ -370,7 +370,26 @@ def test_auto_unfreeze_epoch_keeps_both_stages_inside_the_run(max_epochs, expect
 
 
 def test_auto_unfreeze_makes_a_one_epoch_run_head_only() -> None:
-    callback = TwoStageFinetuning(unfreeze_at_epoch="auto", num_blocks=1)
-    callback.check(build("mobilenetv2"), max_epochs=1)  # the default recipe must not reject trainer.max_epochs=1
+    callback = TwoStageFinetuning(unfreeze_at_epoch="auto", num_blocks=1, backbone_lr=BACKBONE_LR)
+    callback.resolve(build("mobilenetv2"), max_epochs=1)  # the default recipe must not reject trainer.max_epochs=1
     assert callback.unfreeze_at_epoch is None
     assert callback.stage_for_epoch(0) == 1
+
+
+def test_a_module_built_with_another_backbone_lr_is_refused_not_overwritten() -> None:
+    """One owner: the optimiser's rate comes from the module's settings; the callback only checks it agrees."""
+    module = build("mobilenetv2", backbone_lr=1.0)
+    callback = TwoStageFinetuning(unfreeze_at_epoch=1, num_blocks=1, backbone_lr=BACKBONE_LR)
+    with pytest.raises(ConfigError, match=r"finetune.backbone_lr=0.0001 but the module's optimiser was built with"):
+        callback.resolve(module, max_epochs=3)
+    assert module.hparams.backbone_lr == 1.0 and not callback.resolved
+
+
+def test_auto_is_resolved_once_for_the_run() -> None:
+    """train resolves it before the data is read; the fit's setup does not resolve it again."""
+    module = build("mobilenetv2")
+    callback = TwoStageFinetuning(unfreeze_at_epoch="auto", num_blocks=1, backbone_lr=BACKBONE_LR)
+    callback.resolve(module, max_epochs=9)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=30, logger=False, enable_progress_bar=False)
+    callback.setup(trainer, module, "fit")
+    assert callback.unfreeze_at_epoch == 3  # a third of the 9 it was resolved for, not of 30

@@ -68,7 +68,7 @@ def test_training_with_compile_leaves_a_loadable_best_checkpoint(
     overrides = [EAGER, "trainer.max_epochs=1", "finetune.unfreeze_at_epoch=0"]
     cfg = compose_config("train", tiny_train_overrides(tmp_path, synthetic_root, cache_dir) + overrides)
     summary = train(cfg)
-    model = load_classifier(summary["best_checkpoint"])
+    model = load_classifier(summary.best_checkpoint)
     assert not model.is_compiled and model.hparams.compile is False
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["status"] == "completed" and saved["epochs"] == 1

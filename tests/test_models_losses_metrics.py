@@ -82,3 +82,18 @@ def test_balanced_accuracy_averages_the_classes_with_true_images_like_scikit_lea
     value = float(metrics.compute()["test/balanced_acc"])
     assert value == pytest.approx(balanced_accuracy_score(ABSENT_CLASS_LABELS, ABSENT_CLASS_PREDS), abs=1e-6)
     assert value == pytest.approx(7 / 12, abs=1e-6)
+
+
+def test_macro_auroc_averages_the_classes_with_true_images_like_scikit_learn() -> None:
+    """An external set without, say, dermatofibromas has no AUROC for df; counting it as 0 (torchmetrics' macro
+    average) would report a model as worse than it is."""
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(60) % 4  # classes 4-6 have no true image
+    probs = (torch.randn(60, len(CLASSES), generator=generator) + 2 * F.one_hot(labels, len(CLASSES))).softmax(1)
+    metrics = classification_metrics("test")
+    metrics.update(probs, labels)
+    value = float(metrics.compute()["test/auroc_macro"])
+    present = [
+        roc_auc_score((labels == k).numpy(), probs[:, k].numpy()) for k in range(4)
+    ]  # one-vs-rest over the classes present
+    assert value == pytest.approx(sum(present) / len(present), abs=1e-4)

@@ -120,7 +120,7 @@ class Images(L.LightningDataModule):
 
 
 def test_stage_1_keeps_every_imagenet_weight_and_stage_2_changes_exactly_its_share(lite0_file: Path) -> None:
-    module = build(str(lite0_file), "scheduler=constant", "optimizer.lr=1e-2")
+    module = build(str(lite0_file), "scheduler=constant", "optimizer.lr=1e-2", "finetune.backbone_lr=1e-3")
     callback = TwoStageFinetuning(unfreeze_at_epoch=1, share=0.7, backbone_lr=1e-3, bn="frozen_eval")
     snapshots = Snapshots()
     trainer = L.Trainer(
@@ -183,7 +183,7 @@ def _val_balanced_acc(tmp_path: Path, ham_subset: Path, cache_dir: Path, name: s
     )
     summary = train(cfg)
     assert json.loads((tmp_path / name / "run" / "metrics.json").read_text())["status"] == "completed"
-    return summary["metrics"]["val/balanced_acc"]
+    return summary.metrics["val/balanced_acc"]
 
 
 @pytest.mark.slow

@@ -15,9 +15,11 @@ from omegaconf import OmegaConf
 
 from skinlesion import cli
 from skinlesion.errors import ConfigError, DataError
+from skinlesion.inference.predictions import SplitPredictions
 from skinlesion.labels import CLASSES
 from skinlesion.report import NOT_FINISHED, PAIRED, MultirunReport, error_bars, main, write_report
 from skinlesion.runfolder.files import find_runs, write_json
+from skinlesion.runfolder.summary import COMPLETED, FAILED, TRAIN, RunSummary
 from skinlesion.scoring.artifacts import write_split_artifacts
 from skinlesion.scoring.bootstrap import interval_method
 
@@ -45,9 +47,9 @@ def make_run(
         run / ".hydra" / "overrides.yaml",
     )
     if failed:
-        summary = {"status": "failed", "error": failed, "backbone": backbone, "seed": seed}
-        write_json(run / "metrics.json", summary)
-        return summary
+        summary = RunSummary(task=TRAIN, status=FAILED, run_dir=str(run), backbone=backbone, seed=seed, error=failed)
+        summary.write()
+        return summary.to_dict()
     generator = torch.Generator().manual_seed(sum(map(ord, name)))
     labels = torch.arange(N_IMAGES) % len(CLASSES)
     metrics, intervals = {}, {}
@@ -57,25 +59,29 @@ def make_run(
         ids = [f"{split}_{i}" for i in range(N_IMAGES)]
         lesions = [f"{split}_lesion_{i // 2}" for i in range(N_IMAGES)] if lesions_named else ids  # two photos each
         known = [lesions_named] * N_IMAGES
-        metrics |= write_split_artifacts(run, split, probs, labels, ids, lesions, CLASSES, known)
+        records = pd.DataFrame({"image_id": ids, "lesion_id": lesions, "lesion_known": known})
+        predictions = SplitPredictions(probs, labels, torch.arange(N_IMAGES))
+        metrics |= write_split_artifacts(run, split, predictions, records, CLASSES)
         intervals[split] = interval_method(known)
     metrics["val/loss"] = 1.5 + seed / 10  # of the best epoch's weights, which train() re-validates
-    summary = {
-        "status": "completed",
-        "backbone": backbone,
-        "image_size": 64,
-        "seed": seed,
-        "best_epoch": 1,
-        "epochs": 3,
-        "params_total": 2_500_000,
-        "train_time_s": 10.0 + seed,
-        "train_images_per_s": 100.0 + seed,
-        "metrics": metrics,
-        "interval_method": intervals,
-        "last_epoch": {"val/loss": 1.8},
-    }
-    write_json(run / "metrics.json", summary)
-    return summary
+    summary = RunSummary(
+        task=TRAIN,
+        status=COMPLETED,
+        run_dir=str(run),
+        backbone=backbone,
+        seed=seed,
+        metrics=metrics,
+        interval_method=intervals,
+        image_size=64,
+        best_epoch=1,
+        epochs=3,
+        params_total=2_500_000,
+        train_time_s=10.0 + seed,
+        train_images_per_s=100.0 + seed,
+        last_epoch={"val/loss": 1.8},
+    )
+    summary.write()
+    return summary.to_dict()
 
 
 @pytest.fixture

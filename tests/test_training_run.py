@@ -21,6 +21,7 @@ from skinlesion.cli import user_error
 from skinlesion.errors import CheckpointError, ConfigError
 from skinlesion.labels import CLASSES
 from skinlesion.runfolder.checkpoints import load_classifier
+from skinlesion.runfolder.summary import RunSummary
 from skinlesion.train import _best_epoch, train
 
 from conftest import ONE_EPOCH, compose_config, tiny_train_overrides
@@ -34,15 +35,17 @@ def config(root: Path, synthetic_root: Path, cache_dir: Path, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path, cache_dir: Path) -> tuple[dict, Path]:
+def tiny_run(
+    tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path, cache_dir: Path
+) -> tuple[RunSummary, Path]:
     root = tmp_path_factory.mktemp("tiny-run")
     return train(config(root, synthetic_root, cache_dir, *DETERMINISTIC)), root / "run"
 
 
-def test_metrics_json_holds_best_and_final_metrics(tiny_run: tuple[dict, Path]) -> None:
+def test_metrics_json_holds_best_and_final_metrics(tiny_run: tuple[RunSummary, Path]) -> None:
     summary, run = tiny_run
     saved = json.loads((run / "metrics.json").read_text())
-    assert saved["status"] == "completed" and saved["metrics"] == pytest.approx(summary["metrics"])
+    assert saved["status"] == "completed" and saved["metrics"] == pytest.approx(summary.metrics)
     for split in ("val", "test"):
         for name in HEADLINE:
             assert f"{split}/{name}" in saved["metrics"]
@@ -83,7 +86,7 @@ def test_metrics_json_holds_best_and_final_metrics(tiny_run: tuple[dict, Path]) 
     assert "${" not in resolved and "mobilenetv2_100" in resolved
 
 
-def test_confusion_matrix_and_classification_report_are_consistent(tiny_run: tuple[dict, Path]) -> None:
+def test_confusion_matrix_and_classification_report_are_consistent(tiny_run: tuple[RunSummary, Path]) -> None:
     summary, run = tiny_run
     splits = pd.read_csv(run / "split.csv")["split"].value_counts()
     for split in ("val", "test"):
@@ -96,7 +99,7 @@ def test_confusion_matrix_and_classification_report_are_consistent(tiny_run: tup
         diagonal = pd.Series(counts.to_numpy().diagonal(), index=CLASSES)
         assert per_class["recall"].to_numpy() == pytest.approx((diagonal / counts.sum(axis=1)).to_numpy())
         assert per_class["support"].to_numpy() == pytest.approx(counts.sum(axis=1).to_numpy())
-        metrics = summary["metrics"]
+        metrics = summary.metrics
         assert metrics[f"{split}/balanced_acc"] == pytest.approx(per_class["recall"].mean(), abs=1e-6)
         assert metrics[f"{split}/acc"] == pytest.approx(diagonal.sum() / splits[split], abs=1e-6)
         for cls in CLASSES:
@@ -107,7 +110,7 @@ def test_confusion_matrix_and_classification_report_are_consistent(tiny_run: tup
         assert "macro avg" in (run / f"classification_report_{split}.txt").read_text()
 
 
-def test_history_and_training_curves(tiny_run: tuple[dict, Path]) -> None:
+def test_history_and_training_curves(tiny_run: tuple[RunSummary, Path]) -> None:
     _, run = tiny_run
     history = pd.read_csv(run / "history.csv")
     assert list(history["epoch"]) == [0, 1]
@@ -119,12 +122,12 @@ def test_history_and_training_curves(tiny_run: tuple[dict, Path]) -> None:
 
 
 def test_same_seed_gives_identical_metrics(
-    tiny_run: tuple[dict, Path], tmp_path: Path, synthetic_root: Path, cache_dir: Path
+    tiny_run: tuple[RunSummary, Path], tmp_path: Path, synthetic_root: Path, cache_dir: Path
 ) -> None:
     first, first_run = tiny_run
     # TensorBoard as well: a logger must not change the numbers, and its event files must be written.
     second = train(config(tmp_path, synthetic_root, cache_dir, *DETERMINISTIC, "logger=tensorboard"))
-    assert second["metrics"] == first["metrics"]
+    assert second.metrics == first.metrics
     columns = [c for c in pd.read_csv(first_run / "history.csv").columns if c.startswith(("train/", "val/", "lr/"))]
     pd.testing.assert_frame_equal(
         pd.read_csv(first_run / "history.csv")[columns], pd.read_csv(tmp_path / "run" / "history.csv")[columns]
@@ -134,7 +137,7 @@ def test_same_seed_gives_identical_metrics(
 
 
 def test_resume_from_last_continues_in_its_own_folder(
-    tiny_run: tuple[dict, Path], tmp_path: Path, synthetic_root: Path, cache_dir: Path
+    tiny_run: tuple[RunSummary, Path], tmp_path: Path, synthetic_root: Path, cache_dir: Path
 ) -> None:
     first, first_run = tiny_run
     run = tmp_path / "run"
@@ -142,16 +145,16 @@ def test_resume_from_last_continues_in_its_own_folder(
     resumed = train(
         config(tmp_path, synthetic_root, cache_dir, *DETERMINISTIC, "ckpt_path=last", "trainer.max_epochs=3")
     )
-    assert resumed["run_dir"] == str(run) and resumed["epochs"] == 3
+    assert resumed.run_dir == str(run) and resumed.epochs == 3
     history = pd.read_csv(run / "history.csv")
     assert list(history["epoch"]) == [0, 1, 2]
     assert history["trainable_params"].iloc[2] == history["trainable_params"].iloc[1]  # still stage 2
-    assert resumed["train_time_s"] > first["train_time_s"]
+    assert resumed.train_time_s > first.train_time_s
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
 
 
 def test_a_refused_resume_leaves_the_run_folder_as_it_was(
-    tiny_run: tuple[dict, Path], tmp_path: Path, synthetic_root: Path, cache_dir: Path
+    tiny_run: tuple[RunSummary, Path], tmp_path: Path, synthetic_root: Path, cache_dir: Path
 ) -> None:
     """best.ckpt holds weights only: resuming from it is refused before the folder is touched."""
     _, first_run = tiny_run
@@ -192,7 +195,7 @@ def test_bad_settings_stop_early(
 
 
 def test_checkpoint_of_another_backbone_is_refused(
-    tiny_run: tuple[dict, Path], tmp_path: Path, synthetic_root: Path, cache_dir: Path
+    tiny_run: tuple[RunSummary, Path], tmp_path: Path, synthetic_root: Path, cache_dir: Path
 ) -> None:
     _, first_run = tiny_run
     checkpoint = first_run / "checkpoints" / "last.ckpt"
@@ -221,8 +224,8 @@ def test_default_image_size_comes_from_the_backbone(tmp_path: Path, synthetic_ro
     """data.image_size=null (the default): timm's 224 px for MobileNetV2, in the model and the data alike."""
     cfg = config(tmp_path, synthetic_root, cache_dir, "data.image_size=null", *ONE_EPOCH)
     summary = train(cfg)
-    assert summary["image_size"] == 224
-    checkpoint = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert summary.image_size == 224
+    checkpoint = torch.load(summary.best_checkpoint, map_location="cpu", weights_only=True)
     assert checkpoint["datamodule_hyper_parameters"]["image_size"] == 224
 
 
@@ -243,4 +246,4 @@ def test_history_leaves_val_columns_empty_in_epochs_without_validation(
     summary = train(cfg)
     history = pd.read_csv(tmp_path / "run" / "history.csv")
     assert history["val/balanced_acc"].isna().tolist() == [True, False]
-    assert summary["best_epoch"] == 1
+    assert summary.best_epoch == 1

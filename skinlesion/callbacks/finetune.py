@@ -85,8 +85,9 @@ class TwoStageFinetuning(Callback):
         ``share``: stage 2 trains the last blocks holding this fraction of the backbone's parameters
         (closest whole number of blocks). ``num_blocks``, when given, replaces it: that many blocks counted
         from the end; ``"all"`` unfreezes the whole backbone.
-        ``backbone_lr`` is the base learning rate of the backbone's param groups (the scheduler scales it
-        like the head's); the callback sets it on the module before the optimiser is built.
+        ``backbone_lr`` is the recipe's learning rate of the backbone's param groups (the scheduler scales it
+        like the head's). The module's optimiser owns it (``conf/train.yaml`` hands ``finetune.backbone_lr``
+        to the module); the callback reports it and refuses a module built with another value.
         """
         if bn not in BN_POLICIES:
             raise ConfigError(f"finetune.bn='{bn}' is not valid; choose one of {', '.join(BN_POLICIES)}")
@@ -109,6 +110,7 @@ class TwoStageFinetuning(Callback):
         self.backbone_lr = float(backbone_lr)
         self.bn = bn
         self.unfrozen_at: int | None = None  # the epoch stage 2 began in this run (checkpointed)
+        self.resolved = False  # resolve() ran: `auto` is an epoch and the settings fit the module
 
     # ---- settings checks ---------------------------------------------------------------------------
     def _blocks_to_unfreeze(self, pl_module: L.LightningModule) -> list[list[nn.Module]]:
@@ -156,8 +158,9 @@ class TwoStageFinetuning(Callback):
             "stage2_trainable_params": stage2_params + head if stage2 is not None else None,
         }
 
-    def check(self, pl_module: L.LightningModule, max_epochs: int | None) -> None:
-        """Fail on settings that cannot work; ``skinlesion.train`` calls it before any data is read."""
+    def resolve(self, pl_module: L.LightningModule, max_epochs: int | None) -> None:
+        """Turn ``auto`` into this run's stage-2 epoch and fail on settings that cannot work, once: ``skinlesion.train``
+        calls it before any data is read, :meth:`setup` for a fit started any other way."""
         if self.unfreeze_at_epoch == "auto":
             self.unfreeze_at_epoch = auto_unfreeze_epoch(max_epochs)
             log.info("finetune.unfreeze_at_epoch=auto: stage 2 from epoch %s", self.unfreeze_at_epoch)
@@ -167,15 +170,17 @@ class TwoStageFinetuning(Callback):
                 f"finetune.unfreeze_at_epoch={self.unfreeze_at_epoch} is at or past trainer.max_epochs={max_epochs}, "
                 "so stage 2 would never run; lower it, raise max_epochs, or set it to null for head-only training"
             )
+        module_lr = pl_module.hparams.get("backbone_lr")
+        if module_lr is not None and not math.isclose(float(module_lr), self.backbone_lr):
+            raise ConfigError(
+                f"finetune.backbone_lr={self.backbone_lr:g} but the module's optimiser was built with backbone_lr="
+                f"{module_lr:g}; give both the same value (conf/train.yaml passes finetune.backbone_lr to the module)"
+            )
+        self.resolved = True
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Check the settings before any training; hand ``backbone_lr`` to the optimiser."""
-        if stage != "fit":
-            return
-        self.check(pl_module, trainer.max_epochs)
-        if pl_module.hparams.get("backbone_lr") != self.backbone_lr:
-            log.info("backbone learning rate: finetune.backbone_lr=%g", self.backbone_lr)
-            pl_module.hparams.backbone_lr = self.backbone_lr  # read by configure_optimizers, saved in checkpoints
+        if stage == "fit" and not self.resolved:
+            self.resolve(pl_module, trainer.max_epochs)
 
     # ---- the recipe --------------------------------------------------------------------------------
     def stage_for_epoch(self, epoch: int) -> int:

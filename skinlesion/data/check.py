@@ -14,14 +14,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from skinlesion import cli
-from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.data.bad_images import BAD_COLUMNS, problem_counts, write_csv
 from skinlesion.data.datamodule import BAD_FILE, SkinLesionDataModule
 from skinlesion.data.splits import SPLITS
@@ -112,20 +110,17 @@ def format_summary(summary: dict, bad_list: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PACKAGE, config_name="check")
-def _hydra_main(cfg: DictConfig) -> None:
-    summary = cli.run_task(check_data, cfg)
-    if not isinstance(summary, dict) or not summary["problems"]:
-        return  # a failed job of a multirun (NaN) is recorded by cli.run_task
-    if cli.is_multirun():  # the other datasets of the sweep are still checked
+def _exit_on_problems(summary: dict, cfg: DictConfig) -> None:
+    """Exit status 1 when problems were found; in a multirun the other datasets of the sweep are still checked."""
+    if not summary["problems"]:
+        return
+    if cli.is_multirun():
         cli.record_failed_job(HydraConfig.get().runtime.output_dir, f"{len(summary['problems'])} data problem(s) found")
         return
     raise SystemExit(EXIT_PROBLEMS)
 
 
-def main() -> None:
-    cli.launch(_hydra_main)
-
+main = cli.hydra_command(check_data, "check", _exit_on_problems)
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,6 @@ preprocessing, a synthetic set never regenerated, and the split checked against 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +17,7 @@ from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.data.splits import check_disjoint, check_same_split, read_run_split
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.inference.model import InferenceModel
+from skinlesion.inference.predictions import SplitPredictions
 from skinlesion.inference.tta import predict_proba_tta
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.runfolder.files import CHECKPOINT_DIR
@@ -25,13 +25,6 @@ from skinlesion.runfolder.files import CHECKPOINT_DIR
 log = logging.getLogger(__name__)
 
 SCORED_SPLITS = ("val", "test")  # the splits a trained run can be scored on (train is what it learned from)
-
-
-@dataclass
-class SplitPredictions:
-    probs: torch.Tensor  # N x classes, rows in record order
-    labels: torch.Tensor
-    indices: torch.Tensor  # rows of the DataModule's records
 
 
 def datamodule_for(
@@ -73,9 +66,7 @@ def predict_split(
         probs.append(predict_proba_tta(model, batch["image"].to(device), views, calibrated).float().cpu())
         labels.append(batch["label"])
         indices.append(batch["index"])
-    indices_t = torch.cat(indices)
-    order = indices_t.argsort()
-    return SplitPredictions(torch.cat(probs)[order], torch.cat(labels)[order], indices_t[order])
+    return SplitPredictions.in_record_order(torch.cat(probs), torch.cat(labels), torch.cat(indices))
 
 
 def run_split_file(member: InferenceModel) -> Path | None:
@@ -154,9 +145,7 @@ def predict_members(
     first_name, first = next(iter(results.items()))
     for name, result in results.items():
         theirs = datamodules[members[name].model.preprocessing].records
-        same_images = list(theirs.loc[result.indices.numpy(), "image_id"]) == list(
-            records.loc[first.indices.numpy(), "image_id"]
-        )
+        same_images = list(result.records_of(theirs)["image_id"]) == list(first.records_of(records)["image_id"])
         if not (same_images and torch.equal(result.labels, first.labels)):
             raise DataError(f"ensemble member {name} saw other {split} images than {first_name}")
     return results, records, split_check

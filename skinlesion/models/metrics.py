@@ -4,7 +4,8 @@ Balanced accuracy (mean per-class recall) is the ISIC 2018 Task 3 metric and the
 criterion: on HAM10000 predicting ``nv`` for everything already scores 67% plain accuracy. It averages
 over the classes that have true images in the evaluated set, as ``sklearn.metrics.balanced_accuracy_score``
 does; torchmetrics' macro recall also averages a class that is only predicted, as recall 0. Macro F1 keeps
-torchmetrics' definition, which is scikit-learn's too: a class counts when it is true or predicted.
+torchmetrics' definition, which is scikit-learn's too: a class counts when it is true or predicted. Macro
+AUROC, likewise, averages the classes with true images (a class absent from an external set has none).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
     MulticlassStatScores,
 )
+from torchmetrics.utilities.data import dim_zero_cat
 
 from skinlesion.labels import CLASSES
 
@@ -44,6 +46,19 @@ class MulticlassBalancedAccuracy(MulticlassStatScores):
         return (tp[present] / support[present]).float().mean()
 
 
+class MulticlassPresentAUROC(MulticlassAUROC):
+    """One-vs-rest AUROC averaged over the classes with at least one true image (scikit-learn's ``ovr`` macro on
+    the classes present); torchmetrics' macro average scores a class absent from the set as 0."""
+
+    def __init__(self, num_classes: int, **kwargs) -> None:
+        super().__init__(num_classes, average=None, **kwargs)
+
+    def compute(self) -> torch.Tensor:
+        per_class = super().compute()
+        present = torch.bincount(dim_zero_cat(self.target).long(), minlength=self.num_classes) > 0
+        return per_class[present].mean()
+
+
 def classification_metrics(split: str, classes=CLASSES, full: bool = True) -> MetricCollection:
     """Metrics fed with probabilities; ``full=False`` keeps the cheap top-1 ones (for the training split,
     which feeds logits: their argmax is the probabilities').
@@ -61,7 +76,7 @@ def classification_metrics(split: str, classes=CLASSES, full: bool = True) -> Me
         metrics |= {
             "top3_acc": MulticlassAccuracy(n, top_k=min(3, n), average="micro"),
             "f1_macro": MulticlassF1Score(n, average="macro"),
-            "auroc_macro": MulticlassAUROC(n, average="macro"),
+            "auroc_macro": MulticlassPresentAUROC(n),
             "recall": ClasswiseWrapper(MulticlassRecall(n, average=None), labels=list(classes), prefix="recall_"),
             "precision": ClasswiseWrapper(
                 MulticlassPrecision(n, average=None), labels=list(classes), prefix="precision_"

@@ -2,8 +2,9 @@
 
 It takes uint8 batches and normalises them on the device with the backbone's own mean/std, weights the
 loss with the DataModule's class weights (kept as a buffer, so they are in every checkpoint), logs
-``split/metric`` values, and keeps each evaluation epoch's logits so that the run artifacts, the
-temperature fit and the Grad-CAM gallery need no second pass over the data.
+``split/metric`` values, and keeps each evaluation epoch's predictions (with logits) until the caller
+takes them (:meth:`SkinLesionClassifier.take_predictions`), so that the run artifacts, the temperature
+fit and the Grad-CAM gallery need no second pass over the data.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from hydra.utils import instantiate
 from skinlesion.config import to_plain
 from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.errors import ConfigError, TrainingDivergedError
+from skinlesion.inference.predictions import SplitPredictions, probabilities
 from skinlesion.labels import CLASSES
 from skinlesion.models.backbone import BackboneSpec, create_backbone, get_module, resolve_blocks
 from skinlesion.models.metrics import classification_metrics, probability_metrics
@@ -77,7 +79,7 @@ class SkinLesionClassifier(L.LightningModule):
         self.register_buffer("use_class_weights", torch.tensor(False))
         self.register_buffer("temperature", torch.ones(()))  # set by calibration after training
         self.train_metrics = classification_metrics("train", self.class_names, full=False)
-        self.outputs: dict[str, dict[str, torch.Tensor]] = {}  # last epoch's logits per split
+        self._predictions: dict[str, SplitPredictions] = {}  # the last evaluation epoch's, per split
         self._collected: dict[str, list] = {}
 
     # ---- model ------------------------------------------------------------------------------------------
@@ -124,7 +126,7 @@ class SkinLesionClassifier(L.LightningModule):
 
     def predict_proba(self, images: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
         logits = self(self.normalize(images)).float()
-        return (logits / self.temperature if calibrated else logits).softmax(dim=1)
+        return probabilities(logits, self.temperature if calibrated else 1.0)
 
     def set_class_weights(self, weights: torch.Tensor | None) -> None:
         self.use_class_weights.fill_(weights is not None)
@@ -191,13 +193,16 @@ class SkinLesionClassifier(L.LightningModule):
             indices, first = _first_occurrences(indices)
             logits, labels = logits[first], labels[first]
         loss = self._loss(logits, labels)  # over the split, not a mean of batch means
-        self.outputs[split] = {
-            k: t.cpu().clone() for k, t in (("logits", logits), ("labels", labels), ("indices", indices))
-        }
-        outputs = self.outputs[split]
-        scores = probability_metrics(outputs["logits"].softmax(1), outputs["labels"], split, self.class_names)
+        predictions = SplitPredictions.from_logits(*(t.cpu().clone() for t in (logits, labels, indices)))
+        self._predictions[split] = predictions
+        scores = probability_metrics(predictions.probs, predictions.labels, split, self.class_names)
         # Every rank holds the same values; syncing them keeps Lightning from warning, and changes nothing.
         self.log_dict({f"{split}/loss": float(loss), **scores}, sync_dist=self.trainer.world_size > 1)
+
+    def take_predictions(self, split: str) -> SplitPredictions | None:
+        """The uncalibrated predictions of the last ``validate``/``test`` epoch on ``split`` (None if there was
+        none), handed over once: what the caller does with them is explicit in its code."""
+        return self._predictions.pop(split, None)
 
     def on_validation_epoch_end(self) -> None:
         self._end_eval_epoch("val")
@@ -207,7 +212,7 @@ class SkinLesionClassifier(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         logits = self(batch["image"]).float()
-        return {"probs": (logits / self.temperature).softmax(1), "index": batch["index"]}
+        return {"probs": probabilities(logits, self.temperature), "index": batch["index"]}
 
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.hparams.optimizer)(param_groups(self.backbone, self.hparams.backbone_lr))

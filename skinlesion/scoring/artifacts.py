@@ -13,45 +13,25 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 from sklearn.metrics import classification_report, confusion_matrix
 
+from skinlesion.inference.predictions import SplitPredictions
 from skinlesion.models.metrics import probability_metrics
 from skinlesion.plots import plot_confusion_matrix
 from skinlesion.scoring.bootstrap import confidence_intervals, interval_method
 
 
-def predictions_frame(
-    image_ids: Sequence[str], labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]
-) -> pd.DataFrame:
-    frame = pd.DataFrame({"image_id": list(image_ids), "true": [classes[i] for i in labels]})
-    for k, name in enumerate(classes):
-        frame[f"prob_{name}"] = probs[:, k]
-    frame["pred"] = [classes[i] for i in probs.argmax(axis=1)]
-    return frame
-
-
 def write_split_artifacts(
-    out_dir: Path,
-    split: str,
-    probs: torch.Tensor,
-    labels: torch.Tensor,
-    image_ids: Sequence[str],
-    lesion_ids: Sequence[str],
-    classes: Sequence[str],
-    lesion_known: Sequence[bool] | None = None,
+    out_dir: Path, split: str, predictions: SplitPredictions, records: pd.DataFrame, classes: Sequence[str]
 ) -> dict:
     """Write the split's predictions, confusion matrix and classification report; return its metrics, with
-    lesion-bootstrap 95% intervals (``<split>/<metric>_ci_low|high``) for the top-1 ones and each class's recall."""
+    lesion-bootstrap 95% intervals (``<split>/<metric>_ci_low|high``) for the top-1 ones and each class's recall.
+    ``records``: the DataModule's records the predictions' indices point into."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    y_true, y_prob = labels.numpy(), probs.numpy()
-    y_pred = y_prob.argmax(axis=1)
-    frame = predictions_frame(image_ids, y_true, y_prob, classes)
-    frame.insert(1, "lesion_id", list(lesion_ids))
-    frame.insert(2, "lesion_known", [True] * len(frame) if lesion_known is None else list(lesion_known))
+    frame = predictions.to_frame(records, classes)
     frame.to_csv(out_dir / f"predictions_{split}.csv", index=False)
+    y_true, y_pred = predictions.labels.numpy(), predictions.preds
 
     ids = list(range(len(classes)))
     counts = confusion_matrix(y_true, y_pred, labels=ids)
@@ -68,8 +48,8 @@ def write_split_artifacts(
     pd.DataFrame(rows).T.rename_axis("class").to_csv(out_dir / f"classification_report_{split}.csv")
     text = classification_report(y_true, y_pred, labels=ids, target_names=list(classes), digits=4, zero_division=0)
     (out_dir / f"classification_report_{split}.txt").write_text(text)
-    metrics = probability_metrics(probs, labels, split, classes)
-    for name, (low, high) in confidence_intervals(y_true, y_pred, lesion_ids, classes).items():
+    metrics = probability_metrics(predictions.probs, predictions.labels, split, classes)
+    for name, (low, high) in confidence_intervals(y_true, y_pred, frame["lesion_id"], classes).items():
         metrics |= {f"{split}/{name}_ci_low": low, f"{split}/{name}_ci_high": high}
     return metrics
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from skinlesion.inference.predictions import SplitPredictions, probabilities
 from skinlesion.plots import plt, save_figure
 
 N_BINS = 15
@@ -56,23 +57,21 @@ def fit_temperature(
 def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, temperature: float, split: str) -> dict:
     """ECE and NLL of one split without (``*_uncalibrated``) and with the temperature."""
     logits = logits.float()
-    scaled = logits / temperature
     return {
-        f"{split}/ece_uncalibrated": expected_calibration_error(logits.softmax(1), labels),
-        f"{split}/ece": expected_calibration_error(scaled.softmax(1), labels),
+        f"{split}/ece_uncalibrated": expected_calibration_error(probabilities(logits), labels),
+        f"{split}/ece": expected_calibration_error(probabilities(logits, temperature), labels),
         f"{split}/nll_uncalibrated": float(F.cross_entropy(logits, labels)),
-        f"{split}/nll": float(F.cross_entropy(scaled, labels)),
+        f"{split}/nll": float(F.cross_entropy(logits / temperature, labels)),
     }
 
 
-def write_calibration(
-    out_dir: Path, split: str, logits: torch.Tensor, labels: torch.Tensor, temperature: float
-) -> dict:
-    """``reliability_<split>.png`` (before and after scaling) and the split's calibration metrics."""
-    logits = logits.float()
+def write_calibration(out_dir: Path, split: str, predictions: SplitPredictions, temperature: float) -> dict:
+    """``reliability_<split>.png`` (before and after scaling) and the split's calibration metrics, from the
+    predictions' logits."""
+    logits, labels = predictions.logits, predictions.labels
     curves = {
-        "uncalibrated": (logits.softmax(1), labels),
-        f"temperature {temperature:.2f}": ((logits / temperature).softmax(1), labels),
+        "uncalibrated": (probabilities(logits), labels),
+        f"temperature {temperature:.2f}": (probabilities(logits, temperature), labels),
     }
     plot_reliability(curves, out_dir / f"reliability_{split}.png", title=f"{split} (n={len(labels)})")
     return calibration_metrics(logits, labels, temperature, split)
