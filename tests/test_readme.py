@@ -34,7 +34,8 @@ from skinlesion.predict import predict
 from conftest import REPO_ROOT, USER_TINY, run_user
 
 TOOLS: dict[str, Callable] = {"evaluate": evaluate, "explain": explain, "export": export, "predict": predict}
-# Needs what a CPU test machine lacks (a GPU, SLURM, the hub, the ISIC archives): composed, not run.
+# Needs what a CPU test machine lacks (a GPU, SLURM, the hub, the ISIC archives): composed, not run. (The SLURM
+# sweep also runs against a fake SLURM in test_slurm_submission.py.)
 COMPOSE_ONLY = ("hydra/launcher=", "trainer=ddp", "data=isic2018", "/data/ISIC2018", "model.weights=/path")
 
 
