@@ -30,7 +30,7 @@ from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.images import load_rgb
 from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.errors import ConfigError
-from skinlesion.inference.model import format_top_k
+from skinlesion.inference.topk import format_top_k
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.plots import plt, save_figure
 

@@ -25,7 +25,8 @@ from skinlesion import cli
 from skinlesion.config import CONFIG_PACKAGE
 from skinlesion.data.images import ImageReadError
 from skinlesion.errors import ConfigError
-from skinlesion.inference.model import InferenceModel, format_top_k, list_images, required_path
+from skinlesion.inference.model import InferenceModel, list_images, required_path
+from skinlesion.inference.topk import format_top_k
 from skinlesion.inference.tta import tta_views
 from skinlesion.runfolder.files import atomic_write, check_writable, write_json
 from skinlesion.settings import PredictSettings, check_settings

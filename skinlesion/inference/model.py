@@ -8,7 +8,6 @@ interpolation and centre-crop setting), and the model normalises them with its o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -68,15 +67,6 @@ def list_images(source: str | Path) -> list[Path]:
     if not files:
         raise DataError(f"{source}: the folder holds no files")
     return files
-
-
-def top_k(probs: np.ndarray, classes: Sequence[str], k: int = 3) -> list[tuple[str, float]]:
-    order = np.argsort(-probs)[:k]
-    return [(classes[i], float(probs[i])) for i in order]
-
-
-def format_top_k(probs: np.ndarray, classes: Sequence[str], k: int = 3) -> str:
-    return "; ".join(f"{name} {p:.3f}" for name, p in top_k(probs, classes, k))
 
 
 @dataclass
