@@ -7,8 +7,9 @@ With ``images`` (a file or folder): one figure per image in ``<run>/images/`` (o
 label when the checkpoint's dataset knows the image, heatmap overlay, top-3 probabilities). Without:
 per true class of the split, the most confident correct and wrong predictions side by side
 (``gallery_<class>.png``) plus a figure per shown image. Either way ``explanations.csv`` lists the
-images explained (for a split, those the galleries show) with their predictions. Heatmaps come from
-:mod:`skinlesion.gradcam`. :func:`explain` is the plain function; ``main`` is the thin Hydra wrapper.
+images explained (for a split, those the galleries show) with their predictions. Heatmaps, figures and
+galleries come from the :mod:`skinlesion.gradcam` package. :func:`explain` is the plain function; ``main``
+is the thin Hydra wrapper.
 """
 
 from __future__ import annotations
@@ -23,14 +24,10 @@ from omegaconf import DictConfig
 from skinlesion import cli
 from skinlesion.data.images import ImageReadError
 from skinlesion.errors import CheckpointError, ConfigError
-from skinlesion.gradcam import (
-    Explanation,
-    check_method,
-    compute_cams,
-    explanation_row,
-    plot_explanation,
-    write_split_gallery,
-)
+from skinlesion.gradcam.explanation import Explanation, explanation_row
+from skinlesion.gradcam.figures import plot_explanation
+from skinlesion.gradcam.gallery import GallerySettings, write_split_gallery
+from skinlesion.gradcam.maps import check_method, compute_cams
 from skinlesion.inference.model import InferenceModel, list_images, required_path
 from skinlesion.inference.split import SCORED_SPLITS, datamodule_for, predict_split
 from skinlesion.runfolder.files import write_json
@@ -95,18 +92,13 @@ def explain_split(
     settings = loaded.data | ({"root": data_root} if data_root else {})
     datamodule = datamodule_for(settings, loaded.model.preprocessing, split)
     result = predict_split(loaded.model, datamodule, split, loaded.model.device, views=1, calibrated=calibrated)
-    records = result.records_of(datamodule.records)
     return write_split_gallery(
         loaded.model,
         datamodule.datasets[split],
-        records,
-        result.probs,
-        result.labels,
+        result,
+        datamodule.records,
         out_dir,
-        per_class,
-        method,
-        loaded.center_crop,
-        panels=True,
+        GallerySettings(per_class, method, loaded.center_crop, panels=True),
     )
 
 

@@ -24,7 +24,8 @@ from skinlesion import cli
 from skinlesion.data.images import ImageReadError
 from skinlesion.errors import ConfigError
 from skinlesion.inference.model import InferenceModel, list_images, required_path
-from skinlesion.inference.predictions import PROB_PREFIX, decision
+from skinlesion.inference.predictions import PROB_PREFIX
+from skinlesion.inference.topk import decision
 from skinlesion.inference.tta import tta_views
 from skinlesion.runfolder.files import atomic_write, check_writable, write_json
 from skinlesion.settings import PredictSettings, check_settings

@@ -32,7 +32,8 @@ from skinlesion.data.datamodule import SPLIT_FILE, SkinLesionDataModule
 from skinlesion.data.layouts import load_records
 from skinlesion.data.splits import check_same_split
 from skinlesion.errors import CheckpointError, ConfigError
-from skinlesion.gradcam import check_method, write_validation_gallery
+from skinlesion.gradcam.gallery import write_validation_gallery
+from skinlesion.gradcam.maps import check_method
 from skinlesion.inference.predictions import SplitPredictions
 from skinlesion.models.backbone import count_parameters
 from skinlesion.models.converted import describe_weights

@@ -21,7 +21,9 @@ from skinlesion.data.synthetic import GEOMETRY_FILE, generate
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import ConfigError
 from skinlesion.explain import explain
-from skinlesion.gradcam import Explanation, compute_cams, plot_explanation
+from skinlesion.gradcam.explanation import Explanation
+from skinlesion.gradcam.figures import plot_explanation
+from skinlesion.gradcam.maps import compute_cams
 from skinlesion.inference.model import InferenceModel
 from skinlesion.labels import CLASSES
 from skinlesion.models.module import SkinLesionClassifier

@@ -51,7 +51,7 @@ def test_sweep_over_the_five_backbones_reports_every_run(five_backbone_sweep) ->
         history = pd.read_csv(run / "history.csv")
         assert list(history["trainable_backbone_share"]) == [0.0, pytest.approx(stages["stage2_backbone_share"])]
         assert row["train_time_s"] == pytest.approx(saved["train_time_s"])
-        assert row["images_per_s"] == pytest.approx(saved["train_images_per_s"])
+        assert row["train_images_per_s"] == pytest.approx(saved["train_images_per_s"])
         for metric in ("acc", "top3_acc", "balanced_acc", "f1_macro", "auroc_macro", *(f"recall_{c}" for c in CLASSES)):
             assert row[metric] == pytest.approx(saved["metrics"][f"test/{metric}"]), metric
             assert line[metric] == pytest.approx(saved["metrics"][f"test/{metric}"]), metric

@@ -17,7 +17,12 @@ from skinlesion import cli
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.inference.predictions import SplitPredictions
 from skinlesion.labels import CLASSES
-from skinlesion.report import NOT_FINISHED, PAIRED, MultirunReport, error_bars, main, write_report
+from skinlesion.report import main
+from skinlesion.reporting.callback import MultirunReport
+from skinlesion.reporting.collect import NOT_FINISHED
+from skinlesion.reporting.plots import error_bars
+from skinlesion.reporting.rank import PAIRED
+from skinlesion.reporting.write import write_report
 from skinlesion.runfolder.files import find_runs, write_json
 from skinlesion.runfolder.summary import COMPLETED, FAILED, TRAIN, RunSummary
 from skinlesion.scoring.artifacts import write_split_artifacts

@@ -106,18 +106,3 @@ def read_predictions(path: Path) -> pd.DataFrame | None:
     if not Path(path).is_file():
         return None
     return pd.read_csv(path, dtype={"image_id": str, "lesion_id": str}, keep_default_na=False)
-
-
-def top_k(probs: np.ndarray, classes: Sequence[str], k: int = 3) -> list[tuple[str, float]]:
-    order = np.argsort(-probs)[:k]
-    return [(classes[i], float(probs[i])) for i in order]
-
-
-def format_top_k(probs: np.ndarray, classes: Sequence[str], k: int = 3) -> str:
-    return "; ".join(f"{name} {p:.3f}" for name, p in top_k(probs, classes, k))
-
-
-def decision(probs: np.ndarray, classes: Sequence[str]) -> dict:
-    """What a person reads about one image: the predicted class, its probability and the top three."""
-    k = int(probs.argmax())
-    return {"pred": classes[k], "confidence": float(probs[k]), "top3": format_top_k(probs, classes)}

@@ -1,0 +1,143 @@
+"""The summary of a sweep: one row per configuration (seeds pooled), ranked, rank 1 paired with the rest.
+
+Several seeds of one configuration are reported as mean ± standard deviation. A configuration of a
+single run keeps its lesion-bootstrap interval, and is compared with rank 1 on the same images by a
+paired bootstrap (:func:`skinlesion.scoring.bootstrap.paired_difference`), which says whether the split
+can tell the two apart at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from skinlesion.errors import ConfigError
+from skinlesion.inference.predictions import SplitPredictions, frame_classes
+from skinlesion.models.metrics import HEADLINE_METRICS
+from skinlesion.reporting.collect import INTERVALS, RECALLS, run_predictions
+from skinlesion.scoring.bootstrap import BOOTSTRAP_METRICS, Resamples, paired_difference
+
+DEFAULT_RANK_BY = "balanced_acc"
+# What a single run's intervals resampled (lesion, or image where the split names no lesions) and why;
+# rank 1 minus each other configuration, paired.
+INTERVAL_METHOD = ("ci_resampled", "ci_reason")
+PAIRED = ("diff_vs_first", "diff_ci_low", "diff_ci_high", "p_first_better")
+# Averaged over seeds; the first ones also get a ±std column.
+SCORES = (*HEADLINE_METRICS, *RECALLS, "val_loss", "epochs", "train_time_s", "train_images_per_s")
+# What stage 2 trained: its share of the backbone's parameters and their count (the fairness check).
+CONSTANTS = ("image_size", "params_m", "stage2_share", "stage2_params_m")
+LOWER_IS_BETTER = ("loss", "nll", "ece", "time")
+
+
+@dataclass
+class Report:
+    """A sweep's report: what :mod:`~skinlesion.reporting.markdown` and :mod:`~skinlesion.reporting.plots` show."""
+
+    runs: pd.DataFrame  # one row per run, failed ones with their error
+    summary: pd.DataFrame  # one row per configuration (seeds pooled), ranked
+    folder: Path
+
+    @property
+    def failed(self) -> pd.DataFrame:
+        return self.runs[self.runs["status"] != "completed"]
+
+
+def parse_rank_by(rank_by: str) -> tuple[str | None, str]:
+    """``test/balanced_acc`` -> ("test", "balanced_acc"); ``balanced_acc`` -> (None, "balanced_acc")."""
+    split, _, name = rank_by.rpartition("/")
+    if split not in ("", "val", "test"):
+        raise ConfigError(f"rank_by='{rank_by}': the split must be val or test, e.g. test/balanced_acc")
+    if name not in SCORES:
+        raise ConfigError(f"rank_by='{rank_by}' is not a report column; choose one of {', '.join(SCORES)}")
+    return split or None, name
+
+
+def lower_is_better(name: str) -> bool:
+    return any(word in name for word in LOWER_IS_BETTER)
+
+
+def summarize(runs: pd.DataFrame, rank_by: str = DEFAULT_RANK_BY) -> pd.DataFrame:
+    """One row per (backbone, config): means over seeds, ``<metric>_std`` when several ran, ranked."""
+    _, metric = parse_rank_by(rank_by)
+    rows = []
+    for (backbone, config), group in runs.groupby(["backbone", "config"], sort=False, dropna=False):
+        done = group[group["status"] == "completed"]
+        row: dict[str, Any] = {
+            "backbone": backbone,
+            "config": config,
+            "runs": len(done),
+            "failed": len(group) - len(done),
+            "seeds": ",".join(str(s) for s in sorted(group["seed"].dropna().astype(int).unique())),
+            "status": "completed" if len(done) else "failed",
+        }
+        if done.empty:
+            rows.append(row | {"error": group["error"].iloc[0]})
+            continue
+        row["split"] = "/".join(sorted(set(done["split"])))
+        for name in (*CONSTANTS, *INTERVAL_METHOD):
+            row[name] = done[name].iloc[0]
+        for name in SCORES:
+            values = pd.to_numeric(done[name], errors="coerce")
+            row[name] = values.mean()
+            row[f"{name}_std"] = values.std(ddof=1) if len(done) > 1 else math.nan
+        for name in INTERVALS:  # of one run's test images; several seeds have their std instead
+            row[name] = pd.to_numeric(done[name], errors="coerce").iloc[0] if len(done) == 1 else math.nan
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    if metric not in summary:
+        summary[metric] = math.nan
+    summary["_failed"] = summary["status"] != "completed"
+    summary = summary.sort_values(
+        ["_failed", metric], ascending=[True, lower_is_better(metric)], na_position="last", kind="stable"
+    ).drop(columns="_failed")
+    ranked = summary["status"].eq("completed") & summary[metric].notna()
+    summary.insert(0, "rank", pd.Series(np.arange(1, len(summary) + 1), index=summary.index).where(ranked))
+    if "error" not in summary:
+        summary["error"] = None
+    return summary[[c for c in summary.columns if c != "error"] + ["error"]].reset_index(drop=True)
+
+
+def completed_runs(runs: pd.DataFrame, row: pd.Series) -> pd.DataFrame:
+    """The completed runs (seeds) behind one row of the summary."""
+    same = (runs["backbone"] == row["backbone"]) & (runs["config"] == row["config"])
+    return runs[same & (runs["status"] == "completed")]
+
+
+def compare_with_first(summary: pd.DataFrame, runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Rank 1 minus each other configuration on the same images, with a paired lesion-bootstrap interval.
+
+    Only configurations of one run each are paired (several seeds are compared by their spread), and only
+    on the same split's same images; the others keep empty columns.
+    """
+    summary = summary.assign(**{name: math.nan for name in PAIRED})
+    single = summary[summary["rank"].notna() & (summary["runs"] == 1)]
+    if metric not in BOOTSTRAP_METRICS or len(single) < 2 or single["rank"].iloc[0] != 1:
+        return summary
+    first = single.iloc[0]
+    reference = run_predictions(completed_runs(runs, first)["run_dir"].iloc[0], first["split"])
+    if reference is None or "lesion_id" not in reference:  # runs written before lesion ids were recorded
+        return summary
+    classes = frame_classes(reference)
+    scored = SplitPredictions.from_frame(reference)
+    labels, preds = scored.labels.numpy(), scored.preds
+    resamples = Resamples.draw(reference["lesion_id"])
+    for position, row in single.iloc[1:].iterrows():
+        other = run_predictions(completed_runs(runs, row)["run_dir"].iloc[0], row["split"])
+        if row["split"] != first["split"] or other is None or len(other) != len(reference):
+            continue
+        if frame_classes(other) != classes:  # other classes: nothing to pair
+            continue
+        paired = reference[["image_id"]].merge(other.drop(columns="true"), on="image_id", how="left")
+        if paired["pred"].isna().any():  # not the same images
+            continue
+        paired["true"] = reference["true"]
+        difference = paired_difference(
+            labels, preds, SplitPredictions.from_frame(paired).preds, resamples, len(classes), metric
+        )
+        summary.loc[position, list(PAIRED)] = [difference[k] for k in ("difference", "low", "high", "p_a_better")]
+    return summary
