@@ -7,6 +7,7 @@ import json
 import re
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,6 +16,7 @@ from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.data.specs import AugmentSpec, CacheSpec, SplitSpec, TestSetSpec
 from skinlesion.data.transforms import train_transform
 from skinlesion.errors import ConfigError
+from skinlesion.inference.model import InferenceModel
 
 from conftest import compose_config
 
@@ -165,3 +167,17 @@ def test_settings_saved_before_the_typed_specs_are_accepted(tmp_path: Path, old:
     assert dm.cache_spec == CacheSpec.from_config(old.get("cache"))
     assert dm.augment_spec == AugmentSpec.from_config(old.get("augment"))
     assert dm.test_set_spec == TestSetSpec.from_config(old.get("test_set"))
+
+
+@pytest.mark.parametrize(
+    ("cache", "side"), [(None, 80), (False, 80), ({"dir": "x"}, 80), ({"enabled": False, "size": 96}, 96)]
+)
+def test_new_images_are_resized_first_to_the_side_the_datamodule_cached_them_at(
+    tmp_path: Path, cache: dict | bool | None, side: int
+) -> None:
+    """``InferenceModel.source_size`` (predict, explain, export) and the DataModule ask the one CacheSpec."""
+    dm = SkinLesionDataModule(str(tmp_path), cache=cache, preprocessing=PRE)
+    model = SimpleNamespace(preprocessing=PRE)
+    from_checkpoint = InferenceModel(model, tmp_path / "best.ckpt", dict(dm.hparams))
+    written_before = InferenceModel(model, tmp_path / "old.ckpt", {} if cache is None else {"cache": cache})
+    assert dm.image_cache_size == from_checkpoint.source_size == written_before.source_size == side
