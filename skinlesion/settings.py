@@ -11,6 +11,7 @@ schema does not list are left to the code that uses them (Lightning, torch, the 
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 from typing import Annotated, Any, Literal, TypeVar
 
 from omegaconf import DictConfig
@@ -18,7 +19,7 @@ from pydantic import ConfigDict, Field, Strict, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from skinlesion.config import to_plain
-from skinlesion.data.splits import check_split_settings
+from skinlesion.data.specs import SplitSpec
 from skinlesion.errors import ConfigError, SettingError
 from skinlesion.inference.tta import VIEW_COUNTS
 from skinlesion.runfolder.files import check_writable
@@ -48,7 +49,7 @@ class SplitSettings:
     @model_validator(mode="after")
     def _consistent(self) -> SplitSettings:
         """Together (val + test < 1, the fold within num_folds), as the DataModule will check them."""
-        check_split_settings(self.strategy, self.val, self.test, self.num_folds, self.fold)
+        SplitSpec.from_config(asdict(self))
         return self
 
 

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from skinlesion.data.datamodule import SkinLesionDataModule
+from skinlesion.data.specs import SplitSpec
 from skinlesion.data.splits import assign_splits, check_disjoint
 from skinlesion.data.synthetic import plan_lesions
 from skinlesion.errors import ConfigError, DataError
@@ -67,6 +68,13 @@ def test_split_is_pinned_so_any_machine_gets_the_same_one(records: pd.DataFrame)
     digest = hashlib.sha256("".join(f"{i}:{s}\n" for i, s in zip(records["image_id"], split)).encode())
     assert split.value_counts().to_dict() == {"train": 1428, "val": 286, "test": 286}
     assert digest.hexdigest()[:16] == "a43e918b6d3bd4be"
+
+
+def test_a_split_spec_and_the_same_settings_as_keywords_give_the_same_split(records: pd.DataFrame) -> None:
+    """The DataModule passes its SplitSpec; the keywords are the same settings, the rest SplitSpec's defaults."""
+    assert assign_splits(records, SplitSpec(seed=7)).equals(assign_splits(records, seed=7))
+    with pytest.raises(TypeError, match="not both"):
+        assign_splits(records, SplitSpec(), seed=7)
 
 
 def test_k_folds_partition_the_non_test_records_and_share_one_test_split() -> None:

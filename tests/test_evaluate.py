@@ -65,6 +65,20 @@ def test_evaluate_reproduces_the_test_metrics_logged_by_training(run: Path, tmp_
     assert saved["task"] == "evaluate" and saved["images"] == len(theirs) and saved["tta_views"] == 1
 
 
+def test_a_checkpoint_saved_before_the_typed_data_settings_evaluates_the_same(run: Path, tmp_path: Path) -> None:
+    """Older checkpoints keep the data sub-settings as the config gave them: keys missing, ``augment`` null."""
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    data = checkpoint["datamodule_hyper_parameters"]
+    data["cache"] = {"dir": data["cache"]["dir"]}
+    data["augment"] = None
+    del data["test_set"], data["split"]["num_folds"], data["split"]["fold"]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    result = run_evaluate(tmp_path, f"ckpt_path={old}")
+    trained = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert result["metrics"] == pytest.approx({k: trained[k] for k in result["metrics"]}, abs=1e-5)
+
+
 def test_tta_changes_probabilities_but_not_shapes(run: Path, tmp_path: Path) -> None:
     checkpoint = run / "checkpoints" / "best.ckpt"
     run_evaluate(tmp_path / "plain", f"ckpt_path={checkpoint}", "split=val")

@@ -59,7 +59,7 @@ def check_data(cfg: DictConfig) -> dict:
         "images_usable": len(records),
         "per_class": _per_class(records),
         "per_split": _per_split(records),
-        "split": datamodule.split_settings,
+        "split": datamodule.split_settings.to_dict(),
         "problems": problems,
     }
     out = Path(cfg.paths.output_dir)

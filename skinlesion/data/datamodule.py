@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import albumentations as A
 import lightning as L
@@ -30,14 +30,9 @@ from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.images import DEFAULT_MAX_PIXELS
 from skinlesion.data.layouts import load_records
 from skinlesion.data.preprocessing import Preprocessing
-from skinlesion.data.splits import (
-    assign_splits,
-    check_disjoint,
-    check_same_split,
-    check_split_settings,
-    split_from_file,
-)
-from skinlesion.data.transforms import check_augment, eval_transform, train_transform
+from skinlesion.data.specs import AugmentSpec, CacheSpec, SplitSpec, TestSetSpec
+from skinlesion.data.splits import assign_splits, check_disjoint, check_same_split, split_from_file
+from skinlesion.data.transforms import eval_transform, train_transform
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.labels import CLASSES, NUM_CLASSES
 
@@ -77,14 +72,14 @@ class SkinLesionDataModule(L.LightningDataModule):
         layout: str = "auto",
         subset: str = "Training",
         synthetic: Mapping | None = None,
-        split: Mapping | None = None,
-        test_set: Mapping | None = None,
+        split: SplitSpec | Mapping | None = None,
+        test_set: TestSetSpec | Mapping | None = None,
         class_weights: str = "balanced",
         balanced_sampler: bool = False,
         image_size: int | None = None,
         center_crop: bool = False,
-        augment: Mapping | None = None,
-        cache: Mapping | bool | None = None,
+        augment: AugmentSpec | Mapping | None = None,
+        cache: CacheSpec | Mapping | bool | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int | None = None,
@@ -100,7 +95,8 @@ class SkinLesionDataModule(L.LightningDataModule):
         """``test_set_only``: read just ``test_set`` as the test split (evaluation of a trained model on an
         external set, which must not need the training data on disk). ``generate_synthetic``: a first training
         run may generate the synthetic set; every other use (evaluate, explain, a resume) must find it.
-        ``split_file``: take the split from a run's ``split.csv`` (the listed images that still exist)."""
+        ``split_file``: take the split from a run's ``split.csv`` (the listed images that still exist).
+        ``split``, ``test_set``, ``augment`` and ``cache`` are read by their specs (:mod:`skinlesion.data.specs`)."""
         super().__init__()
         # Everything but the run-specific arguments goes into checkpoints, so `evaluate` can rebuild the split.
         self.save_hyperparameters(
@@ -130,20 +126,18 @@ class SkinLesionDataModule(L.LightningDataModule):
         self.datasets: dict[str, LesionDataset] = {}
 
     def _check_settings(self) -> None:
-        """Invalid settings fail at construction, before any file is read."""
+        """Invalid settings fail at construction, before any file is read. The sub-settings are saved as their
+        specs write them, every default filled in, so a checkpoint rebuilds this data even if a default changes."""
         check_class_weighting(self.hparams.class_weights)
         check_policy(self.hparams.on_bad_image)
-        # The strategy's default fractions are written in, so checkpoints rebuild this split even if a
-        # later version changes the defaults.
-        split = dict(strategy="lesion_grouped", val=None, test=None, seed=42, num_folds=None, fold=None)
-        split.update(dict(self.hparams.split or {}))
-        split["val"], split["test"] = check_split_settings(
-            split["strategy"], split["val"], split["test"], split["num_folds"], split["fold"]
-        )
-        self.hparams.split = split
-        check_augment(self.hparams.augment)
-        if self.hparams.test_set is not None and "root" not in self.hparams.test_set:
-            raise ConfigError("data.test_set needs a root (the folder of the external test set)")
+        self.split_spec = SplitSpec.from_config(self.hparams.split)
+        self.augment_spec = AugmentSpec.from_config(self.hparams.augment)
+        self.test_set_spec = TestSetSpec.from_config(self.hparams.test_set)
+        self.cache_spec = CacheSpec.from_config(self.hparams.cache)
+        self.hparams.split = self.split_spec.to_dict()
+        self.hparams.augment = self.augment_spec.to_dict()
+        self.hparams.test_set = self.test_set_spec.to_dict() if self.test_set_spec else None
+        self.hparams.cache = self.cache_spec.to_dict()
         if self.hparams.balanced_sampler and self.hparams.class_weights != "none":
             log.warning(
                 "data.balanced_sampler=true with data.class_weights=%s corrects the imbalance twice; "
@@ -153,23 +147,16 @@ class SkinLesionDataModule(L.LightningDataModule):
 
     # ---- settings -------------------------------------------------------------------------------------
     @property
-    def split_settings(self) -> dict[str, Any]:
-        settings = dict(self.hparams.split)
-        if self.hparams.test_set:
-            settings["test"] = 0.0  # the external set is the test split
-        return settings
-
-    @property
-    def cache_settings(self) -> dict[str, Any]:
-        settings = {"enabled": True, "dir": "data/cache", "size": None}
-        cache = self.hparams.cache
-        settings.update({"enabled": cache} if isinstance(cache, bool) else dict(cache or {}))  # data.cache=false
-        return settings
+    def split_settings(self) -> SplitSpec:
+        """The split drawn from the main dataset: ``split_spec``, with no test split beside an external set."""
+        if self.test_set_spec is not None:
+            return replace(self.split_spec, test=0.0)  # the external set is the test split
+        return self.split_spec
 
     @property
     def image_cache_size(self) -> int:
-        """Side of the images augmentation starts from (cached or not): a little above the input size."""
-        return int(self.cache_settings["size"] or self._require_preprocessing().resize_size)
+        """Side of the images augmentation starts from (cached or not): :meth:`CacheSpec.source_size`."""
+        return self.cache_spec.source_size(self._require_preprocessing())
 
     @property
     def num_workers(self) -> int:
@@ -192,12 +179,12 @@ class SkinLesionDataModule(L.LightningDataModule):
         bad = find_bad_images(records, self.hparams.max_image_pixels)
         kept = self._apply_policy(records, bad, listing, name)  # stops here, before any decoding, on error
         cache_rows = np.full(len(kept), -1)
-        if self.cache_settings["enabled"]:
+        if self.cache_spec.enabled:
             pre = self._require_preprocessing()
             cache = open_or_build_cache(
                 kept["path"].tolist(),
                 self.image_cache_size,
-                self.cache_settings["dir"],
+                self.cache_spec.dir,
                 pre.cv2_interpolation,
                 self.hparams.max_image_pixels,
             )
@@ -229,9 +216,8 @@ class SkinLesionDataModule(L.LightningDataModule):
             if self.hparams.synthetic is not None:
                 self._synthetic_dataset()
             parts.append(self._load_source(self.hparams.root, self.hparams.layout, self.hparams.subset, MAIN))
-        if self.hparams.test_set:
-            spec = {"layout": "auto", "subset": "Test", **dict(self.hparams.test_set)}
-            parts.append(self._load_source(spec["root"], spec["layout"], spec["subset"], EXTERNAL))
+        if (external := self.test_set_spec) is not None:
+            parts.append(self._load_source(external.root, external.layout, external.subset, EXTERNAL))
         return pd.concat(parts, ignore_index=True)
 
     def _synthetic_dataset(self) -> None:
@@ -247,21 +233,12 @@ class SkinLesionDataModule(L.LightningDataModule):
     def assign_split(self, records: pd.DataFrame) -> pd.Series:
         """train/val/test per record: the main records split leak-free, the external test set as test."""
         main = records["source"] == MAIN
-        settings = self.split_settings
         split = pd.Series("test", index=records.index, name="split")
         if not main.any():  # test_set_only: nothing to split, and no training data to check against
             return split
-        split[main] = assign_splits(
-            records[main],
-            settings["strategy"],
-            val=settings["val"],
-            test=settings["test"],
-            seed=int(settings["seed"]),
-            num_folds=settings["num_folds"],
-            fold=settings["fold"],
-        )
+        split[main] = assign_splits(records[main], self.split_settings)
         if not main.all():
-            check_disjoint(records[main], records[~main], str(self.hparams.test_set["root"]))
+            check_disjoint(records[main], records[~main], self.test_set_spec.root)
         return split
 
     def _load(self) -> None:
@@ -283,7 +260,7 @@ class SkinLesionDataModule(L.LightningDataModule):
             return
         self._load()
         pre = self._require_preprocessing()
-        transforms = {"train": train_transform(pre, self.hparams.augment, self.hparams.center_crop)}
+        transforms = {"train": train_transform(pre, self.augment_spec, self.hparams.center_crop)}
         plain = eval_transform(pre, self.hparams.center_crop)
         frames = {name: self.split_records(name) for name in ("train", "val", "test")}
         self.datasets = {

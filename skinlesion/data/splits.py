@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from skinlesion.data.specs import SplitSpec
 from skinlesion.errors import SplitChangedError, ConfigError, DataError
 from skinlesion.labels import CLASSES
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-# strategy -> (val, test) fractions used when data.split.val / data.split.test are null.
-STRATEGY_DEFAULTS = {"lesion_grouped": (0.15, 0.15), "image_stratified": (0.20, 0.0)}
-STRATEGIES = tuple(STRATEGY_DEFAULTS)
 
 
 def _one_fold(labels: np.ndarray, groups: np.ndarray, n_splits: int, which: int, seed: int) -> np.ndarray:
@@ -57,77 +56,44 @@ def _folds_for(fraction: float, name: str, of: float = 1.0) -> int:
     return max(2, round(of / fraction))
 
 
-def resolve_fractions(strategy: str, val: float | None, test: float | None) -> tuple[float, float]:
-    """(val, test) fractions, with the strategy's defaults for the ones left null."""
-    if strategy not in STRATEGY_DEFAULTS:
-        raise ConfigError(f"unknown data.split.strategy '{strategy}'; choose one of {', '.join(STRATEGIES)}")
-    default_val, default_test = STRATEGY_DEFAULTS[strategy]
-    return (default_val if val is None else float(val)), (default_test if test is None else float(test))
-
-
-def check_split_settings(
-    strategy: str, val: float | None, test: float | None, num_folds: int | None, fold: int | None
-) -> tuple[float, float]:
-    """The (val, test) fractions, or a ConfigError for settings no data could satisfy."""
-    val, test = resolve_fractions(strategy, val, test)
-    if num_folds is not None:
-        if int(num_folds) < 2:
-            raise ConfigError(f"data.split.num_folds={num_folds} must be at least 2")
-        if fold is None or not 0 <= int(fold) < int(num_folds):
-            raise ConfigError(f"data.split.fold={fold} must be in 0..{int(num_folds) - 1} for num_folds={num_folds}")
-    else:
-        if fold is not None:
-            raise ConfigError(f"data.split.fold={fold} needs data.split.num_folds (k-fold cross-validation)")
-        if val + test >= 1:
-            raise ConfigError(f"data.split.val + data.split.test = {val + test:g} leaves nothing to train on")
-    if test < 0:
-        raise ConfigError(f"data.split.test={test} must be 0 (no test split) or a fraction between 0 and 1")
-    return val, test
-
-
-def assign_splits(
-    records: pd.DataFrame,
-    strategy: str = "lesion_grouped",
-    val: float | None = None,
-    test: float | None = None,
-    seed: int = 42,
-    num_folds: int | None = None,
-    fold: int | None = None,
-) -> pd.Series:
-    """'train'/'val'/'test' for each record (indexed like ``records``).
+def assign_splits(records: pd.DataFrame, spec: SplitSpec | None = None, **settings: Any) -> pd.Series:
+    """'train'/'val'/'test' for each record (indexed like ``records``), by ``spec`` or else by the ``data.split``
+    ``settings`` given as keywords (``seed=7``; the rest :class:`SplitSpec`'s defaults).
 
     ``test=0`` makes no test split (the caller may bring an external one). With ``num_folds`` the
     non-test records are cut into that many folds and fold ``fold`` is the validation split.
     """
-    val, test = check_split_settings(strategy, val, test, num_folds, fold)
+    if spec is not None and settings:
+        raise TypeError("assign_splits takes a SplitSpec or data.split settings as keywords, not both")
+    spec = SplitSpec.from_config(settings) if spec is None else spec
 
     order = records.sort_values("image_id", kind="stable").index  # row order must not change the split
     ordered = records.loc[order]
     labels = ordered["label"].to_numpy()
-    unit = "lesion" if strategy == "lesion_grouped" else "image"
+    unit = "lesion" if spec.strategy == "lesion_grouped" else "image"
     groups = (ordered["lesion_id"] if unit == "lesion" else ordered["image_id"]).to_numpy()
 
     split = np.full(len(ordered), "train", dtype=object)
-    if test > 0:
-        k = _folds_for(test, "test")
-        _require_groups(labels, groups, k, f"data.split.test={test:g}", unit)
-        split[_one_fold(labels, groups, k, 0, seed)] = "test"
+    if spec.test > 0:
+        k = _folds_for(spec.test, "test")
+        _require_groups(labels, groups, k, f"data.split.test={spec.test:g}", unit)
+        split[_one_fold(labels, groups, k, 0, spec.seed)] = "test"
     rest = np.flatnonzero(split == "train")
-    if num_folds is not None:
-        k, which, setting = int(num_folds), int(fold), f"data.split.num_folds={num_folds}"
+    if spec.num_folds is not None:
+        k, which, setting = spec.num_folds, spec.fold, f"data.split.num_folds={spec.num_folds}"
     else:
-        k, which, setting = _folds_for(val, "val", of=1 - test), 0, f"data.split.val={val:g}"
+        k, which, setting = _folds_for(spec.val, "val", of=1 - spec.test), 0, f"data.split.val={spec.val:g}"
     _require_groups(labels[rest], groups[rest], k, setting, unit)
-    split[rest[_one_fold(labels[rest], groups[rest], k, which, seed)]] = "val"
+    split[rest[_one_fold(labels[rest], groups[rest], k, which, spec.seed)]] = "val"
 
     result = pd.Series(split, index=order, name="split").reindex(records.index)
     _warn_missing_classes(records, result)
     shares = result.value_counts(normalize=True).reindex(SPLITS, fill_value=0)
     log.info(
         "split (%s, seed %d%s): %s",
-        strategy,
-        seed,
-        f", fold {fold} of {num_folds}" if num_folds is not None else "",
+        spec.strategy,
+        spec.seed,
+        f", fold {spec.fold} of {spec.num_folds}" if spec.num_folds is not None else "",
         ", ".join(f"{name} {share:.1%}" for name, share in shares.items()),
     )
     return result

@@ -23,9 +23,7 @@ import cv2
 import numpy as np
 
 from skinlesion.data.preprocessing import Preprocessing
-from skinlesion.errors import ConfigError
-
-AUGMENT_KEYS = {"rotate", "zoom", "shift", "brightness", "contrast", "hflip", "vflip", "hue", "saturation"}
+from skinlesion.data.specs import AugmentSpec
 
 
 class RandomAffineResize(A.ImageOnlyTransform):
@@ -126,30 +124,23 @@ class RandomColorJitter(A.ImageOnlyTransform):
         return ("brightness", "contrast", "saturation", "hue")
 
 
-def check_augment(augment: Mapping | None) -> None:
-    unknown = set(augment or {}) - AUGMENT_KEYS
-    if unknown:
-        raise ConfigError(
-            f"unknown data.augment key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(AUGMENT_KEYS))}"
-        )
-
-
-def train_transform(pre: Preprocessing, augment: Mapping | None, center_crop: bool = False) -> A.Compose:
+def train_transform(
+    pre: Preprocessing, augment: AugmentSpec | Mapping | None, center_crop: bool = False
+) -> A.Compose:
     """The original project's rotation/zoom/shift/brightness plus flips and colour jitter; 0/false = off.
 
     ``center_crop``: augmentation starts from the central crop evaluation sees (:func:`centre_crop`), so
     training and evaluation show the model the same field of view; augmentation off, the same pixels.
     """
-    check_augment(augment)
-    aug = dict(augment or {})
-    geometry = {k: float(aug.get(k) or 0) for k in ("rotate", "zoom", "shift")}
-    flips = {k: bool(aug.get(k)) for k in ("hflip", "vflip")}
+    aug = AugmentSpec.from_config(augment)
+    geometry = {"rotate": aug.rotate, "zoom": aug.zoom, "shift": aug.shift}
+    flips = {"hflip": aug.hflip, "vflip": aug.vflip}
     steps: list = centre_crop(pre) if center_crop else []
     if any(geometry.values()) or any(flips.values()):
         steps.append(RandomAffineResize(pre.image_size, **geometry, **flips))
     elif not center_crop:  # the crop is already image_size
         steps.append(_resize(pre, pre.image_size))
-    colour = {k: float(aug.get(k) or 0) for k in ("brightness", "contrast", "saturation", "hue")}
+    colour = {"brightness": aug.brightness, "contrast": aug.contrast, "saturation": aug.saturation, "hue": aug.hue}
     if any(colour.values()):
         steps.append(RandomColorJitter(**colour))
     return A.Compose(steps)

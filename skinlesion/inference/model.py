@@ -19,6 +19,7 @@ import torch
 from skinlesion.data.dataset import to_chw_tensor
 from skinlesion.data.images import DEFAULT_MAX_PIXELS, load_resized, load_rgb
 from skinlesion.data.layouts import load_records
+from skinlesion.data.specs import CacheSpec
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.inference.tta import predict_proba_tta
@@ -108,9 +109,7 @@ class InferenceModel:
     @property
     def source_size(self) -> int:
         """The side the DataModule resizes every image to first (its cache size), as it trained."""
-        cache = self.data.get("cache") or {}
-        size = cache.get("size") if isinstance(cache, dict) else None
-        return int(size or self.model.preprocessing.resize_size)
+        return CacheSpec.from_config(self.data.get("cache")).source_size(self.model.preprocessing)
 
     def load_input(self, path: str | Path) -> torch.Tensor:
         """uint8 CxHxW at the model's input size, decoded and resized exactly as the validation loader does
