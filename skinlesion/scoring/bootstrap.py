@@ -88,7 +88,12 @@ def recall_per_class(confusions: np.ndarray) -> np.ndarray:
         return np.where(support > 0, np.diagonal(confusions, axis1=1, axis2=2) / support, np.nan)
 
 
-def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The central ``level`` percentile interval of resampled values, ignoring NaN (a resample without the
+    images a score needs); NaN, NaN when no resample has a value."""
+    values = np.asarray(values, dtype=float)
+    if np.isnan(values).all():
+        return float("nan"), float("nan")
     tail = (1 - level) / 2 * 100
     low, high = np.nanpercentile(values, [tail, 100 - tail])
     return float(low), float(high)
@@ -100,11 +105,13 @@ def confidence_intervals(
     """Percentile interval of each metric in :data:`BOOTSTRAP_METRICS`, and of each class's recall
     (``recall_<class>``: melanoma sensitivity, say), over lesion resamples."""
     confusions = Resamples.draw(groups, **draw).confusions(labels, preds, len(classes))
-    intervals = {name: _interval(values, level) for name, values in scores_from_confusions(confusions).items()}
+    intervals = {
+        name: percentile_interval(values, level) for name, values in scores_from_confusions(confusions).items()
+    }
     recalls = recall_per_class(confusions)
     for k, name in enumerate(classes):
         if not np.isnan(recalls[:, k]).all():  # a class absent from the split has no recall to bound
-            intervals[f"recall_{name}"] = _interval(recalls[:, k], level)
+            intervals[f"recall_{name}"] = percentile_interval(recalls[:, k], level)
     return intervals
 
 
@@ -126,6 +133,6 @@ def paired_difference(
         scores_from_confusions(full.confusions(labels, preds_a, n_classes))[metric][0]
         - scores_from_confusions(full.confusions(labels, preds_b, n_classes))[metric][0]
     )
-    low, high = _interval(a - b, level)
+    low, high = percentile_interval(a - b, level)
     wins = float(np.mean(a > b) + 0.5 * np.mean(a == b))
     return {"difference": float(observed), "low": low, "high": high, "p_a_better": wins}
