@@ -1,4 +1,4 @@
-"""Issue 6: ECE matches its formula, temperature scaling never worsens validation NLL, diagrams are drawn."""
+"""ECE matches its formula, temperature scaling never worsens validation NLL, diagrams are drawn."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 2: the entry point's bad-input paths end in one clear line and a non-zero exit code."""
+"""The entry point's bad-input paths end in one clear line and a non-zero exit code."""
 
 from __future__ import annotations
 

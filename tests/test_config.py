@@ -1,4 +1,4 @@
-"""Issue 2: the config tree composes for every backbone and dataset, and run folders never collide."""
+"""The config tree composes for every backbone and dataset, and run folders never collide."""
 
 from __future__ import annotations
 

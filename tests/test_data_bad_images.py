@@ -1,4 +1,4 @@
-"""Issue 3: unusable image files are reported in one clear line (or skipped and listed); any mode becomes RGB."""
+"""Unusable image files are reported in one clear line (or skipped and listed); any mode becomes RGB."""
 
 from __future__ import annotations
 

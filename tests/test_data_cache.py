@@ -1,4 +1,4 @@
-"""Issue 3: the decoded-image cache is built once, reused, rebuilt when a file changes, and holds the same pixels."""
+"""The decoded-image cache is built once, reused, rebuilt when a file changes, and holds the same pixels."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 3: ``python -m skinlesion.data.check`` runs the DataModule's checks and prints a summary table."""
+"""``python -m skinlesion.data.check`` runs the DataModule's checks and prints a summary table."""
 
 from __future__ import annotations
 

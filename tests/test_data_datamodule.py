@@ -1,4 +1,4 @@
-"""Issue 3: the DataModule end to end: batches, run files, class weights, sampler, external test set, real data."""
+"""The DataModule end to end: batches, run files, class weights, sampler, external test set, real data."""
 
 from __future__ import annotations
 

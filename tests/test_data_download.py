@@ -1,4 +1,4 @@
-"""Issue 3: the ISIC 2018 download helper, against a local HTTP server (no external network in tests)."""
+"""The ISIC 2018 download helper, against a local HTTP server (no external network in tests)."""
 
 from __future__ import annotations
 

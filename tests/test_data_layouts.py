@@ -1,4 +1,4 @@
-"""Issue 3: the Kaggle HAM10000 and ISIC 2018 Task 3 layouts load from tiny fixtures; table errors are one line."""
+"""The Kaggle HAM10000 and ISIC 2018 Task 3 layouts load from tiny fixtures; table errors are one line."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 13: the data sub-settings (split, cache, test_set, augment) are typed, with each default in one place,
+"""The data sub-settings (split, cache, test_set, augment) are typed, with each default in one place,
 checked once, read from checkpoints written before the types, and saved as the YAML's shape."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 3: leak-free, stratified, reproducible splits and k-fold cross-validation (records only, no images)."""
+"""Leak-free, stratified, reproducible splits and k-fold cross-validation (records only, no images)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 3: pipelines use the backbone's own size/mean/std/interpolation; every augmentation can be switched off."""
+"""Pipelines use the backbone's own size/mean/std/interpolation; every augmentation can be switched off."""
 
 from __future__ import annotations
 

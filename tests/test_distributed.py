@@ -1,4 +1,4 @@
-"""Issue 5: beyond one process: DDP over two CPU processes (gloo), and a sweep through the submitit launcher."""
+"""Beyond one process: DDP over two CPU processes (gloo), and a sweep through the submitit launcher."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 5: an ensemble averages its members' probabilities exactly, each member with its own preprocessing."""
+"""An ensemble averages its members' probabilities exactly, each member with its own preprocessing."""
 
 from __future__ import annotations
 

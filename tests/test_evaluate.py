@@ -1,4 +1,4 @@
-"""Issue 5: `evaluate` reproduces a run's test metrics, adds TTA, reads external ISIC 2018 sets, and fails clearly."""
+"""`evaluate` reproduces a run's test metrics, adds TTA, reads external ISIC 2018 sets, and fails clearly."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_a_checkpoint_saved_before_the_typed_data_settings_evaluates_the_same(ru
     torch.save(checkpoint, old)
     result = run_evaluate(tmp_path, f"ckpt_path={old}")
     trained = json.loads((run / "metrics.json").read_text())["metrics"]
-    assert result["metrics"] == pytest.approx({k: trained[k] for k in result["metrics"]}, abs=1e-5)
+    assert result.metrics == pytest.approx({k: trained[k] for k in result.metrics}, abs=1e-5)
 
 
 def test_tta_changes_probabilities_but_not_shapes(run: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Issue 6: ONNX export with a dynamic batch, parity with PyTorch, and a JSON that suffices to use it."""
+"""ONNX export with a dynamic batch, parity with PyTorch, and a JSON that suffices to use it."""
 
 from __future__ import annotations
 

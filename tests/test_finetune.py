@@ -1,4 +1,4 @@
-"""Issue 4: the two-stage callback on all five backbones (direct) and through Lightning's Trainer (MobileNetV2).
+"""The two-stage callback on all five backbones (direct) and through Lightning's Trainer (MobileNetV2).
 
 Direct tests build each backbone once and drive the callback by hand; the Trainer tests use in-memory
 uint8 images at 32 px so that schedulers, checkpoints and resume run for real in a few seconds.

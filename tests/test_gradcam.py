@@ -1,4 +1,4 @@
-"""Issue 6: Grad-CAM for every backbone, a trained model that looks at the lesion, galleries and explain."""
+"""Grad-CAM for every backbone, a trained model that looks at the lesion, galleries and explain."""
 
 from __future__ import annotations
 

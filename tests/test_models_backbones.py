@@ -1,4 +1,4 @@
-"""Issue 4: the five backbones, built from their YAMLs through one code path, and their weights."""
+"""The five backbones, built from their YAMLs through one code path, and their weights."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 4: ``module.compile`` compiles the backbone in place, so checkpoints load compiled or not.
+"""``module.compile`` compiles the backbone in place, so checkpoints load compiled or not.
 
 Inductor (the default backend) needs minutes to compile MobileNetV2 on this CPU, so these tests use
 TorchDynamo's ``eager`` backend: the same in-place wrapping and graph capture, without code generation.

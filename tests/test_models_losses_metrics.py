@@ -1,4 +1,4 @@
-"""Issue 4: the losses (class weights, label smoothing, focal) and the split/metric definitions."""
+"""The losses (class weights, label smoothing, focal) and the split/metric definitions."""
 
 from __future__ import annotations
 

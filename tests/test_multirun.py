@@ -1,4 +1,4 @@
-"""Issue 5: `train -m` over the five backbones ends in a comparison report; a failed job is reported, not fatal."""
+"""`train -m` over the five backbones ends in a comparison report; a failed job is reported, not fatal."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 6: predict reads any folder, reports bad files per row, and uses the checkpoint's own settings."""
+"""Predict reads any folder, reports bad files per row, and uses the checkpoint's own settings."""
 
 from __future__ import annotations
 

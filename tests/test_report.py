@@ -1,4 +1,4 @@
-"""Issue 5: the comparison report over a folder of runs, built from hand-made run folders (no training)."""
+"""The comparison report over a folder of runs, built from hand-made run folders (no training)."""
 
 from __future__ import annotations
 

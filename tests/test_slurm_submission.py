@@ -1,4 +1,4 @@
-"""Issue 10: the README's SLURM sweep reaches submission, as a user types it, with a fake SLURM on PATH.
+"""The README's SLURM sweep reaches submission, as a user types it, with a fake SLURM on PATH.
 
 ``tests/fake_slurm.py`` provides ``sbatch``, ``srun``, ``sacct`` and ``scancel --signal``. The fast test runs the
 README line as written until ``sbatch`` (which keeps the batch script, then refuses the job) and checks what would

@@ -1,4 +1,4 @@
-"""Issue 2: the embedded synthetic dataset looks like the HAM10000 download and can be learned."""
+"""The embedded synthetic dataset looks like the HAM10000 download and can be learned."""
 
 from __future__ import annotations
 

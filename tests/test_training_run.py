@@ -1,4 +1,4 @@
-"""Issue 4: tiny fits through ``skinlesion.train.train`` (MobileNetV2, 32 px, two epochs, stage 2 from epoch 1).
+"""Tiny fits through ``skinlesion.train.train`` (MobileNetV2, 32 px, two epochs, stage 2 from epoch 1).
 
 One deterministic run is shared by the artifact tests; a second run with the same seed must reproduce
 its metrics exactly, and a copy of its folder is resumed with ``ckpt_path=last``.
