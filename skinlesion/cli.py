@@ -123,6 +123,14 @@ class OutputFolderCheck(Callback):
             fail(str(err))
 
 
+class CreateSweepFolder(Callback):
+    """Hydra callback (conf/hparams_search/): the sweep folder before the sweeper starts, which opens its
+    Optuna storage there (SQLite creates the file but not its folder; Hydra's launcher makes it later)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        Path(config.hydra.sweep.dir).mkdir(parents=True, exist_ok=True)
+
+
 def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 

@@ -1,6 +1,7 @@
 """The comparison report of a sweep: one ranked table over every run in a folder, and its plots.
 
     python -m skinlesion.report outputs/train/multiruns/<sweep> [--rank-by test/balanced_acc]
+    python -m skinlesion.report <sweep> <another sweep> ... --output-dir outputs/compare   # one table
 
 A training sweep writes its report when it ends (:class:`skinlesion.reporting.callback.MultirunReport`);
 this command writes it again, for a sweep whose launcher died or with another ranking. The report itself
@@ -23,18 +24,25 @@ from skinlesion.reporting.write import SUMMARY_MD, write_report
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m skinlesion.report",
-        description="Rank every training run in a folder (a sweep) and write summary.csv, summary.md and plots.",
+        description="Rank every training run of one or more folders (sweeps); write summary.csv, summary.md, plots.",
     )
-    parser.add_argument("folder", type=Path, help="a folder of runs, e.g. outputs/train/multiruns/<sweep>")
+    parser.add_argument(
+        "folders",
+        type=Path,
+        nargs="+",
+        help="folders of runs, e.g. outputs/train/multiruns/<sweep>; several (with --output-dir) make one table",
+    )
     parser.add_argument(
         "--rank-by",
         default=DEFAULT_RANK_BY,
         help="a metric column, optionally with the split to report: balanced_acc (default), test/f1_macro, ...",
     )
-    parser.add_argument("--output-dir", type=Path, default=None, help="where to write the report (default: folder)")
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="where to write the report (default: the folder, if only one)"
+    )
     args = parser.parse_args(argv)
     try:
-        report = write_report(args.folder, args.rank_by, args.output_dir)
+        report = write_report(args.folders, args.rank_by, args.output_dir)
     except SkinLesionError as err:
         cli.fail(str(err))
     print(summary_markdown(report, args.rank_by))

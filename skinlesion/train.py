@@ -22,10 +22,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from skinlesion import cli
+from skinlesion import cli, tracking
 from skinlesion.callbacks.finetune import TwoStageFinetuning
 from skinlesion.callbacks.history import TrainingHistory
 from skinlesion.data.datamodule import SPLIT_FILE, SkinLesionDataModule
@@ -39,6 +40,7 @@ from skinlesion.models.backbone import count_parameters
 from skinlesion.models.converted import describe_weights
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.runfolder.checkpoints import check_backbone, read_checkpoint
+from skinlesion.runfolder.config_tree import show_config_tree
 from skinlesion.runfolder.files import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -176,6 +178,8 @@ def _check_resumed_split(cfg: DictConfig, split_file: Path) -> None:
 def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes: dict | None) -> RunSummary | None:
     if rank_zero_only.rank == 0 and resume_changes is None:  # a resumed run keeps its config.yaml
         write_resolved_config(cfg, run_dir)
+    if rank_zero_only.rank == 0 and cfg.get("print_config", True):
+        show_config_tree(cfg, run_dir if resume_changes is None else None)
     if cfg.data.get("synthetic") is None:  # a missing dataset fails here, before any model is built
         load_records(cfg.data.root, cfg.data.layout, cfg.data.subset)
     if cfg.gallery.enabled:
@@ -192,6 +196,9 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
     finetune: TwoStageFinetuning = instantiate(cfg.finetune)
     callbacks = [*_instantiate_section(cfg.callbacks, "callbacks"), finetune]
     loggers = _instantiate_section(cfg.logger, "logger")
+    if not loggers:  # the learning-rate monitor has nowhere to write (Lightning refuses it without a logger)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    tracking.log_start(loggers, cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     finetune.resolve(module, trainer.max_epochs)  # before fit, where the image cache may take minutes to build
     _check_distributed_launch(trainer)
@@ -254,6 +261,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
     if cfg.gallery.enabled:  # after metrics.json: a figure problem never costs the run its results
         calibrated_val = uncalibrated["val"].with_temperature(calibration["temperature"])
         write_validation_gallery(module, datamodule, calibrated_val, run_dir, cfg.gallery.per_class, cfg.gallery.method)
+    tracking.log_end(loggers, summary, cfg.monitor, trainer.global_step, cfg.tracking.log_checkpoint)
     log.info("run folder: %s", run_dir)
     return summary
 

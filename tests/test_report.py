@@ -291,3 +291,21 @@ def test_only_training_runs_are_collected(sweep) -> None:
     OmegaConf.save(OmegaConf.create({"hydra": {"job": {"name": "train"}}}), training)
     names = {Path(run).name for run in find_runs(folder)}
     assert names == {*runs, "4_efficientnet_b0_seed0"}
+
+
+def test_report_over_several_folders_merges_rows_without_duplicates(tmp_path: Path) -> None:
+    """Two sweeps, one named twice and both reached again through their parent: each run is one row."""
+    sweeps = tmp_path / "sweeps"
+    a, b = sweeps / "a", sweeps / "b"
+    make_run(a, "0_resnet50", "resnet50", 0)
+    make_run(a, "1_mobilenetv2", "mobilenetv2", 0)
+    make_run(b, "0_resnet50", "resnet50", 1)
+    out = tmp_path / "compare"
+    main([str(a), str(b), str(a), str(sweeps), "--output-dir", str(out)])
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(runs["run"]) == ["a/0_resnet50", "a/1_mobilenetv2", "b/0_resnet50"]
+    summary = pd.read_csv(out / "summary.csv").set_index("backbone")
+    assert summary.loc["resnet50", "runs"] == 2  # the two sweeps' seeds of one configuration, pooled
+    assert (out / "summary.md").is_file() and not (a / "summary.md").exists()
+    with pytest.raises(ConfigError, match="--output-dir"):
+        write_report([a, b])

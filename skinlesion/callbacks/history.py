@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from skinlesion.models.backbone import backbone_parameters, count_parameters
+from skinlesion.models.optim import NO_DECAY
 from skinlesion.plots import plot_training_curves
 
 log = logging.getLogger("skinlesion.epochs")
@@ -72,7 +73,9 @@ class TrainingHistory(Callback):
         }
         row["images_per_s"] = round(self._epoch_images * trainer.world_size / max(elapsed, 1e-9), 1)
         for group in trainer.optimizers[0].param_groups:
-            row[f"lr/{group.get('name', 'group')}"] = group["lr"]
+            name = group.get("name", "group")
+            if not name.endswith(NO_DECAY):  # its twin without weight decay has the same learning rate
+                row[f"lr/{name}"] = group["lr"]
         row["trainable_params"] = count_parameters(pl_module)[1]
         stage = next(
             (c.stage_for_epoch(trainer.current_epoch) for c in trainer.callbacks if hasattr(c, "stage_for_epoch")), None

@@ -100,7 +100,8 @@ class SkinLesionDataModule(L.LightningDataModule):
         super().__init__()
         # Everything but the run-specific arguments goes into checkpoints, so `evaluate` can rebuild the split.
         self.save_hyperparameters(
-            ignore=["preprocessing", "output_dir", "test_set_only", "generate_synthetic", "split_file"]
+            ignore=["preprocessing", "output_dir", "test_set_only", "generate_synthetic", "split_file"],
+            logger=False,  # the loggers get the whole run config instead (skinlesion.tracking)
         )
         self.generate_synthetic = generate_synthetic
         self.split_file = Path(split_file) if split_file else None

@@ -70,7 +70,8 @@ class SkinLesionClassifier(L.LightningModule):
                 "compile": compile,
                 "class_names": list(self.class_names),
                 "preprocessing": self.preprocessing.to_dict(),
-            }
+            },
+            logger=False,  # the loggers get the whole run config instead (skinlesion.tracking)
         )
         self.criterion = instantiate(self.hparams.loss)
         self.register_buffer("mean", torch.tensor(self.preprocessing.mean).view(1, 3, 1, 1) * 255)

@@ -20,15 +20,17 @@ from torch.optim.lr_scheduler import LambdaLR
 from skinlesion.models.backbone import backbone_parameters, head_parameters
 
 HEAD, BACKBONE = "head", "backbone"
+NO_DECAY = "/no_decay"  # suffix of the twin group without weight decay (same learning rate)
 
 
 def _split_decay(name: str, params: list[torch.nn.Parameter], **settings) -> list[dict]:
-    """One group with weight decay (weights) and one without (biases, norms), both called ``name``."""
+    """One group with weight decay (weights) called ``name`` and one without (biases, norms) called
+    ``<name>/no_decay``: Lightning's LearningRateMonitor refuses two groups of one name."""
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"name": name, "params": decay, **settings}]
     if no_decay:
-        groups.append({"name": name, "params": no_decay, "weight_decay": 0.0, **settings})
+        groups.append({"name": f"{name}{NO_DECAY}", "params": no_decay, "weight_decay": 0.0, **settings})
     return [g for g in groups if g["params"]]
 
 

@@ -12,6 +12,7 @@ the paired comparison and the pooled plots.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -94,17 +95,21 @@ def _interval_method(summary: RunSummary, run: Path, split: str) -> dict[str, st
     return {"ci_resampled": method.get("resampled"), "ci_reason": method.get("reason")}
 
 
-def collect_runs(folder: Path, prefer: str | None = None) -> pd.DataFrame:
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise ConfigError(f"{folder}: no such folder; pass a sweep folder such as outputs/train/multiruns/<sweep>")
-    runs = find_runs(folder)
+def collect_runs(folders: Path | Sequence[Path], prefer: str | None = None) -> pd.DataFrame:
+    """Every run below one folder, or below several (sweeps to compare): a run reached through two of them,
+    one inside the other or named twice, is one row. Run names are relative to the folders' common parent."""
+    folders = [Path(f).expanduser().resolve() for f in ([folders] if isinstance(folders, str | Path) else folders)]
+    for folder in folders:
+        if not folder.is_dir():
+            raise ConfigError(f"{folder}: no such folder; pass a sweep folder such as outputs/train/multiruns/<sweep>")
+    root = Path(os.path.commonpath(folders))
+    runs = sorted({run.resolve() for folder in folders for run in find_runs(folder)})
     if not runs:
         raise DataError(
-            f"{folder}: no training runs found (folders with {METRICS_FILE}); pass a folder written by "
-            "python -m skinlesion.train, e.g. outputs/train/multiruns/<sweep>"
+            f"{', '.join(map(str, folders))}: no training runs found (folders with {METRICS_FILE}); pass a folder "
+            "written by python -m skinlesion.train, e.g. outputs/train/multiruns/<sweep>"
         )
-    table = pd.DataFrame([run_row(run, folder, prefer) for run in runs])
+    table = pd.DataFrame([run_row(run, root, prefer) for run in runs])
     # The "config" of a run: its overrides minus the model, the seed and what all runs share.
     common = set.intersection(*(set(o) for o in table["overrides"]))
     table["config"] = [

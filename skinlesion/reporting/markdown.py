@@ -166,4 +166,22 @@ def summary_markdown(report: Report, rank_by: str) -> str:
         lines += ["", f"![one-vs-rest ROC curves]({ROC_PNG})", ""]
     if not report.failed.empty:
         lines += ["## Failed runs", "", _markdown_table(report.failed, ["run", "backbone", "seed", "error"], {}), ""]
+    if report.trials is not None and not report.trials.empty:
+        lines += _search_section(report.trials)
     return "\n".join(lines)
+
+
+def _search_section(trials: pd.DataFrame) -> list[str]:
+    """The best trial of each Optuna study in the folder, then every trial, best value first."""
+    params = [c for c in trials.columns if c.startswith("params.")]
+    shown = trials.copy()  # learning rates need significant digits, not four decimals
+    shown[params] = shown[params].map(lambda v: f"{v:.3g}" if isinstance(v, float) else v)
+    lines = ["## Search (Optuna)", ""]
+    for _, best in shown[shown["best"]].iterrows():
+        chosen = ", ".join(f"{c.removeprefix('params.')}={best[c]}" for c in params if pd.notna(best[c]))
+        where = f"run {best['run']}" if best["run"] else "run folder not found"
+        lines += [f"Best trial of {best['study']}: #{best['trial']}, value {best['value']:.4f} ({where}): {chosen}"]
+    ordered = shown.sort_values(["study", "value"], ascending=[True, False], na_position="last")
+    headers = {c: c.removeprefix("params.") for c in params}
+    lines += ["", _markdown_table(ordered, ["study", "trial", "state", "value", "run", *params], headers), ""]
+    return lines

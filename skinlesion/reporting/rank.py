@@ -41,6 +41,7 @@ class Report:
     runs: pd.DataFrame  # one row per run, failed ones with their error
     summary: pd.DataFrame  # one row per configuration (seeds pooled), ranked
     folder: Path
+    trials: pd.DataFrame | None = None  # an Optuna search's trials (skinlesion.reporting.search), if any
 
     @property
     def failed(self) -> pd.DataFrame:
