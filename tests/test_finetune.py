@@ -97,8 +97,9 @@ def test_optimizer_groups_and_learning_rates_after_unfreezing(classifier: SkinLe
         ids = {id(p) for p in group["params"]}
         assert not ids & seen
         seen |= ids
-        assert group["lr"] == (HEAD_LR if group["name"] == "head" else BACKBONE_LR)
-        assert (ids <= head) == (group["name"] == "head")
+        is_head = group["name"] in ("head", "head/no_decay")  # and the backbone's two: one name each
+        assert group["lr"] == (HEAD_LR if is_head else BACKBONE_LR)
+        assert (ids <= head) == is_head
         if group["weight_decay"] == 0.0 and optimizer.defaults["weight_decay"] > 0:
             assert all(p.ndim == 1 for p in group["params"])
     assert seen == {id(p) for p in classifier.backbone.parameters()}, "every parameter is in the optimiser"

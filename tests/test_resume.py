@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
+from skinlesion.runfolder.resume import accepted_on_resume, config_changes
+
 from conftest import USER_TINY, run_user
 
 
@@ -166,3 +168,18 @@ def test_training_refuses_to_generate_synthetic_data_next_to_the_users_files(tmp
     assert f"{mine} already holds files" in line
     assert [p.name for p in mine.iterdir()] == ["ISIC_0000001.jpg"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my_images", "outputs"]
+
+
+def test_a_run_saved_before_the_tracking_settings_existed_still_resumes() -> None:
+    """Settings added later that only decide what is shown or logged are absent from an older config.yaml."""
+    saved = {"seed": 0, "callbacks": {"history": {"_target_": "H"}}}
+    current = saved | {
+        "print_config": True,
+        "tracking": {"log_checkpoint": False},
+        "callbacks": {"history": {"_target_": "H"}, "lr_monitor": {"_target_": "L", "logging_interval": "step"}},
+    }
+    changes = config_changes(saved, current)
+    assert set(changes) == {"print_config", "tracking.log_checkpoint", "callbacks.lr_monitor._target_",
+                            "callbacks.lr_monitor.logging_interval"}  # fmt: skip
+    assert all(accepted_on_resume(key, *change) for key, change in changes.items())
+    assert not accepted_on_resume("optimizer.lr", 1e-3, 1e-2)
