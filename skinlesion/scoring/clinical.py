@@ -343,6 +343,7 @@ def evaluate_splits(
             thresholds,
             (logits or {}).get(split),
             split == fitted_split,
+            figures,
         )
         metrics |= found.metrics
         infos[split] = found.info
