@@ -99,7 +99,16 @@ def _recipe_section(config: Any, summary: RunSummary) -> list[str]:
     return [*lines, ""]
 
 
-def _headline_section(summary: RunSummary, split: str) -> list[str]:
+def _split_counts(run: Path, split: str) -> dict[str, int]:
+    """Images per class in ``split`` (split.csv), so that an interval over one image is read as such."""
+    path = run / SPLIT_FILE
+    if not path.is_file():
+        return {}
+    frame = pd.read_csv(path, dtype=str)
+    return frame.loc[frame["split"] == split, "dx"].value_counts().to_dict()
+
+
+def _headline_section(summary: RunSummary, split: str, counts: dict[str, int]) -> list[str]:
     metrics = summary.metrics
     resampled = summary.interval_method.get(split, {}).get("resampled", "lesion")
     lines = ["## Headline metrics", "", f"On the **{split}** split; 95% intervals resample {resampled}s.", ""]
@@ -110,9 +119,18 @@ def _headline_section(summary: RunSummary, split: str) -> list[str]:
         ("auroc_macro", "macro AUROC"),
     ]
     lines += _table(["metric", "value"], [[label, _with_interval(metrics, f"{split}/{n}")] for n, label in names])
-    recalls = [[c, _with_interval(metrics, f"{split}/recall_{c}")] for c in CLASSES if f"{split}/recall_{c}" in metrics]
+    recalls = [
+        [c, str(counts.get(c, "")), _with_interval(metrics, f"{split}/recall_{c}")]
+        for c in CLASSES
+        if f"{split}/recall_{c}" in metrics
+    ]
     if recalls:
-        lines += ["", *_table(["class", "recall (sensitivity)"], recalls)]
+        lines += ["", *_table(["class", f"{split} images", "recall (sensitivity)"], recalls)]
+        lines += [
+            "",
+            "A class with a handful of images gets a degenerate interval (1.000-1.000 over two lesions is "
+            "not certainty): read the counts first.",
+        ]
     return [*lines, ""]
 
 
@@ -191,6 +209,7 @@ def _operating_section(run: Path, summary: RunSummary, split: str) -> list[str]:
     rows = [
         [
             r.task,
+            f"{r.test_n_positive}/{r.test_n_negative}",
             f"{r.target_specificity:.0%}",
             _number(r.threshold),
             _number(r.val_sensitivity),
@@ -199,7 +218,15 @@ def _operating_section(run: Path, summary: RunSummary, split: str) -> list[str]:
         ]
         for r in points.itertuples()
     ]
-    header = ["task", "target spec.", "threshold", "val sens.", f"{split} sensitivity", f"{split} specificity"]
+    header = [
+        "task",
+        f"{split} positives/negatives",
+        "target spec.",
+        "threshold",
+        "val sens.",
+        f"{split} sensitivity",
+        f"{split} specificity",
+    ]
     return [*lines, "", *_table(header, rows), ""]
 
 
@@ -267,7 +294,7 @@ def _limitations(config: Any, summary: RunSummary, split: str) -> list[str]:
         )
     items += [
         "No pediatric cohort: HAM10000 holds very few patients under 20, so the model is untested on children.",
-        "Seven classes only: other diagnoses (e.g. squamous cell carcinoma outside akiec) are forced into one "
+        "Seven classes only: other diagnoses (invasive squamous cell carcinoma, for one) are forced into one "
         "of them; the OOD flag catches only images unlike the training lesions.",
         "Labels are partly histopathology and partly follow-up or consensus (see the `dx_type` subgroups).",
     ]
@@ -293,7 +320,7 @@ def model_card(run_dir: str | Path) -> str:
     ]
     lines += _data_section(config, run)
     lines += _recipe_section(config, summary)
-    lines += _headline_section(summary, split)
+    lines += _headline_section(summary, split, _split_counts(run, split))
     lines += _calibration_section(summary)
     lines += _subgroup_section(run, summary, split)
     lines += _operating_section(run, summary, split)
