@@ -183,6 +183,7 @@ USER_TINY = [
     "+trainer.limit_train_batches=2",
     "finetune.unfreeze_at_epoch=1",
     "gallery.enabled=false",
+    "clinical.figures=false",
 ]
 
 
