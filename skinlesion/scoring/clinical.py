@@ -70,7 +70,7 @@ class ClinicalTargets:
     specificity: float  # predict's melanoma/malignant flags: the threshold reaching this on validation
     coverage: float  # predict abstains below the confidence that keeps this share of validation
     ood_quantile: float  # the share of validation lesions under the OOD threshold
-    ood_method: str = "energy"
+    ood_method: str  # energy or max_logit
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any]) -> ClinicalTargets:
