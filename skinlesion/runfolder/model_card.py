@@ -17,7 +17,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from skinlesion.clinical.subgroups import AUDIT_METRICS
-from skinlesion.data.datamodule import SPLIT_FILE
+from skinlesion.data.datamodule import SKIPPED_FILE, SPLIT_FILE
 from skinlesion.data.synthetic import GEOMETRY_FILE
 from skinlesion.labels import CLASSES
 from skinlesion.runfolder.files import CONFIG_FILE, atomic_write
@@ -94,6 +94,9 @@ def _recipe_section(config: Any, summary: RunSummary) -> list[str]:
         f"`{config.loss._target_.rsplit('.', 1)[-1]}`, {summary.epochs} epoch(s), seed {summary.seed}",
         f"- checkpoint chosen on `{summary.monitor}` (best epoch {summary.best_epoch})",
     ]
+    limit = config.trainer.get("limit_train_batches")
+    if limit is not None:
+        lines.append(f"- each epoch limited to {limit} training batches (`trainer.limit_train_batches`): a short run")
     if stages.get("stage2_backbone_share") is not None:
         lines.append(f"- stage 2 trained {stages['stage2_backbone_share']:.1%} of the backbone's parameters")
     return [*lines, ""]
@@ -273,7 +276,7 @@ def _selective_section(summary: RunSummary, split: str) -> list[str]:
     return [*lines, ""]
 
 
-def _limitations(config: Any, summary: RunSummary, split: str) -> list[str]:
+def _limitations(config: Any, summary: RunSummary, split: str, run: Path) -> list[str]:
     lines = [
         "## Intended use",
         "",
@@ -298,6 +301,10 @@ def _limitations(config: Any, summary: RunSummary, split: str) -> list[str]:
         "of them; the OOD flag catches only images unlike the training lesions.",
         "Labels are partly histopathology and partly follow-up or consensus (see the `dx_type` subgroups).",
     ]
+    skipped = run / SKIPPED_FILE
+    if skipped.is_file():
+        n = len(pd.read_csv(skipped))
+        items.append(f"{n} listed images were unusable and left out (`{SKIPPED_FILE}`): the data is not the full set.")
     if split != "test":
         items.append("No test split: the figures are validation figures, on the split the checkpoint was chosen on.")
     if not summary.pretrained:
@@ -326,7 +333,7 @@ def model_card(run_dir: str | Path) -> str:
     lines += _operating_section(run, summary, split)
     lines += _conformal_section(run, split)
     lines += _selective_section(summary, split)
-    lines += _limitations(config, summary, split)
+    lines += _limitations(config, summary, split, run)
     return "\n".join(lines)
 
 
