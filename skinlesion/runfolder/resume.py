@@ -29,6 +29,7 @@ ACCEPTED_PREFIXES = (
     "paths.",
     "logger.",
     "gallery.",
+    "clinical.",  # what is fitted on validation after training (and a run from before it had none)
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "trainer.log_every_n_steps",
