@@ -37,6 +37,7 @@ from skinlesion.runfolder.summary import COMPLETED, EVALUATE, RunSummary
 from skinlesion.scoring.artifacts import split_interval_method, write_split_artifacts
 from skinlesion.scoring.bootstrap import Resamples, paired_difference
 from skinlesion.scoring.calibration import expected_calibration_error, plot_reliability
+from skinlesion.scoring.clinical import evaluate_splits
 from skinlesion.settings import EvaluateSettings, check_settings
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,40 @@ def _write_scores(
     return scores
 
 
+def _clinical(
+    cfg: DictConfig,
+    out_dir: Path,
+    members: dict[str, InferenceModel],
+    headline: SplitPredictions,
+    records: pd.DataFrame,
+    external: bool,
+) -> tuple[dict, dict]:
+    """The clinical evaluation of the scored split, with thresholds refitted on the validation predictions
+    the checkpoint stores, for ``clinical.*`` (null: as trained); why not, where they cannot apply."""
+    calibration = next(iter(members.values())).clinical
+    reason = None
+    if len(members) > 1:
+        reason = "an ensemble has no validation predictions of its own to fit thresholds on"
+    elif calibration is None:
+        reason = "the checkpoint stores no validation predictions (trained before they were stored)"
+    elif not cfg.calibrated:
+        reason = "calibrated=false, but the thresholds are fitted on temperature-scaled probabilities"
+    if reason is not None:
+        calibration = None
+    targets = calibration.settings.overridden(cfg.clinical) if calibration is not None else None
+    fitted = "val" if cfg.split == "val" and not external else None
+    metrics, clinical = evaluate_splits(
+        out_dir, {cfg.split: headline}, records, calibration, targets, fitted, cfg.clinical.figures
+    )
+    notes = clinical["splits"][cfg.split]["notes"]
+    if reason is not None:
+        log.warning("no operating points, conformal sets or abstention on %s: %s", cfg.split, reason)
+        notes.insert(0, reason)
+    elif cfg.tta:
+        notes.insert(0, "tta=true: the thresholds were fitted on single-view validation probabilities")
+    return metrics, clinical
+
+
 def evaluate(cfg: DictConfig) -> RunSummary:
     """Predict, score and write the artifacts; return the summary written to ``metrics.json``."""
     check_settings(cfg, EvaluateSettings)
@@ -200,14 +235,14 @@ def evaluate(cfg: DictConfig) -> RunSummary:
     headline = next(iter(results.values()))  # the ensemble's, or the single model's
     intervals = split_interval_method(headline.records_of(records))
     scores = _write_scores(out_dir, split, results, records, first.classes, intervals)
-
     external = settings.get("test_set") if split == "test" else None
+    clinical_metrics, clinical = _clinical(cfg, out_dir, members, headline, records, bool(external))
     summary = RunSummary(
         task=EVALUATE,
         status=COMPLETED,
         run_dir=str(out_dir),
         backbone=first.model.spec.name if len(members) == 1 else ENSEMBLE,
-        metrics=scores[next(iter(results))],
+        metrics=scores[next(iter(results))] | clinical_metrics,
         interval_method={split: intervals},  # lesions, or images where the set names no lesions
         split=split,
         dataset=external or {k: settings.get(k) for k in ("root", "layout", "subset", "split")},
@@ -226,6 +261,7 @@ def evaluate(cfg: DictConfig) -> RunSummary:
             }
             for name, m in members.items()
         },
+        clinical=clinical,
     )
     summary.write()
     log.info("evaluation folder: %s", out_dir)

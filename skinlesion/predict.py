@@ -3,12 +3,15 @@
     python -m skinlesion.predict ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt input=photos/
     python -m skinlesion.predict ckpt_path=... input=lesion.jpg tta=true out=lesion.csv
 
-One CSV row per file: ``path``, ``pred``, ``confidence``, ``top3``, ``prob_<class>`` for every class, and
-``error``, which says why a file could not be read (its other columns are then empty): a bad file never
-stops the batch. Probabilities are temperature-scaled with the temperature fitted on the validation
-split after training (``calibrated=false`` for the raw softmax); ``tta=true`` averages them over flips
-and 90-degree rotations. An existing output file is never replaced. :func:`predict` is the plain
-function; ``main`` is the thin Hydra wrapper.
+One CSV row per file: ``path``, ``pred``, ``confidence``, ``top3``, ``prob_<class>`` for every class, the
+clinical decisions (``prediction_set``, ``melanoma_flag``, ``malignant_flag``, ``abstain``, ``ood_score``,
+``ood_flag``: thresholds refitted for ``clinical.*`` on the validation predictions ``best.ckpt`` stores,
+empty with one warning for a checkpoint that stores none), and ``error``, which says why a file could not
+be read (its other columns are then empty): a bad file never stops the batch. Probabilities are
+temperature-scaled with the temperature fitted on the validation split after training
+(``calibrated=false`` for the raw softmax); ``tta=true`` averages them over flips and 90-degree
+rotations. An existing output file is never replaced. :func:`predict` is the plain function; ``main``
+is the thin Hydra wrapper.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from skinlesion import cli
 from skinlesion.data.images import ImageReadError
 from skinlesion.errors import ConfigError
 from skinlesion.inference.model import InferenceModel, list_images, required_path
-from skinlesion.inference.predictions import PROB_PREFIX
+from skinlesion.inference.predictions import PROB_PREFIX, probabilities
 from skinlesion.inference.topk import decision
 from skinlesion.inference.tta import tta_views
 from skinlesion.runfolder.files import atomic_write, check_writable, write_json
+from skinlesion.scoring.clinical import DECISION_COLUMNS, Thresholds
 from skinlesion.settings import PredictSettings, check_settings
 
 log = logging.getLogger(__name__)
@@ -47,21 +51,39 @@ def output_path(out: str | None, run_dir: Path) -> Path:
     return path
 
 
-def _rows(model: InferenceModel, paths: list[Path], probs: torch.Tensor) -> list[dict]:
+def _rows(model: InferenceModel, paths: list[Path], probs: torch.Tensor, decisions: pd.DataFrame | None) -> list[dict]:
     classes = model.classes
+    clinical = decisions.to_dict("records") if decisions is not None else [{}] * len(paths)
     return [
         {"path": str(path)}
         | decision(p, classes)
         | {f"{PROB_PREFIX}{name}": float(v) for name, v in zip(classes, p, strict=True)}
+        | extra
         | {"error": ""}
-        for path, p in zip(paths, probs.numpy(), strict=True)
+        for path, p, extra in zip(paths, probs.numpy(), clinical, strict=True)
     ]
 
 
+def _probabilities(
+    model: InferenceModel, images: torch.Tensor, tta_views: int, calibrated: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities and the identity view's raw logits (the OOD score's), in one pass without TTA."""
+    logits = model.logits(images)
+    if tta_views > 1:
+        return model.predict_proba(images, tta_views, calibrated), logits
+    return probabilities(logits, model.model.temperature.cpu() if calibrated else 1.0), logits
+
+
 def predict_files(
-    model: InferenceModel, paths: list[Path], tta_views: int = 1, calibrated: bool = True, batch_size: int = 32
+    model: InferenceModel,
+    paths: list[Path],
+    tta_views: int = 1,
+    calibrated: bool = True,
+    batch_size: int = 32,
+    thresholds: Thresholds | None = None,
 ) -> pd.DataFrame:
-    """One row per path, in order; an unreadable file gets its reason in ``error`` and no probabilities."""
+    """One row per path, in order; an unreadable file gets its reason in ``error`` and no probabilities.
+    ``thresholds``: the clinical decisions' (None: those columns empty)."""
     rows = []
     for start in range(0, len(paths), batch_size):
         readable, inputs, errors = [], [], {}
@@ -72,14 +94,33 @@ def predict_files(
             except ImageReadError as err:
                 errors[path] = str(err)
                 log.warning("%s: %s", path, err)
-        probs = model.predict_proba(torch.stack(inputs), tta_views, calibrated) if inputs else torch.empty(0)
-        predicted = dict(zip(readable, _rows(model, readable, probs), strict=True))
+        predicted = {}
+        if inputs:
+            probs, logits = _probabilities(model, torch.stack(inputs), tta_views, calibrated)
+            names = [p.name for p in readable]
+            decided = thresholds.decisions(probs.numpy(), logits.numpy(), names) if thresholds is not None else None
+            predicted = dict(zip(readable, _rows(model, readable, probs, decided), strict=True))
         rows += [
             predicted.get(path) or {"path": str(path), "error": errors[path]}
             for path in paths[start : start + batch_size]
         ]
-    columns = ["path", "pred", "confidence", "top3", *(f"{PROB_PREFIX}{c}" for c in model.classes), "error"]
+    probs = (f"{PROB_PREFIX}{c}" for c in model.classes)
+    columns = ["path", "pred", "confidence", "top3", *probs, *DECISION_COLUMNS, "error"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _thresholds(model: InferenceModel, cfg: DictConfig) -> Thresholds | None:
+    """Fitted for ``clinical.*`` (null: as trained) on the validation predictions the checkpoint stores."""
+    if model.clinical is None:
+        log.warning(
+            "%s stores no validation predictions (trained before they were), so %s are left empty; retrain to get them",
+            model.path,
+            ", ".join(DECISION_COLUMNS),
+        )
+        return None
+    if not cfg.calibrated:
+        log.warning("calibrated=false: the clinical thresholds were fitted on temperature-scaled probabilities")
+    return Thresholds.fit(model.clinical, model.clinical.settings.overridden(cfg.clinical))
 
 
 def predict(cfg: DictConfig) -> pd.DataFrame:
@@ -92,8 +133,9 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     target = output_path(cfg.out, run_dir)
     paths = list_images(source)
     model = InferenceModel.load(ckpt_path, cfg.device)
+    thresholds = _thresholds(model, cfg)
 
-    frame = predict_files(model, paths, views, bool(cfg.calibrated), int(cfg.batch_size))
+    frame = predict_files(model, paths, views, bool(cfg.calibrated), int(cfg.batch_size), thresholds)
     atomic_write(target, lambda tmp: frame.to_csv(tmp, index=False))
     failed = int((frame["error"] != "").sum())
     write_json(
@@ -108,6 +150,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
             "temperature": float(model.model.temperature),  # applied only when calibrated
             "tta_views": views,
             "class_counts": frame["pred"].value_counts().to_dict(),
+            "clinical": thresholds.to_dict() if thresholds is not None else None,
         },
     )
     log.info("%d images predicted, %d unreadable; predictions in %s", len(frame) - failed, failed, target)

@@ -137,6 +137,36 @@ class GallerySettings:
     per_class: Annotated[Whole, Field(ge=1)]
 
 
+Alpha = Annotated[Fraction, Field(description="the share of images whose conformal set may miss the true class")]
+Specificity = Annotated[Fraction, Field(description="the validation specificity of the melanoma/malignant flags")]
+Coverage = Annotated[Number, Field(gt=0, le=1, description="the share of validation images kept (not abstained on)")]
+OODQuantile = Annotated[Fraction, Field(description="the share of validation images under the OOD threshold")]
+OODMethod = Literal["energy", "max_logit"]
+
+
+@dataclass(frozen=True, kw_only=True, config=SCHEMA)
+class ClinicalSettings:
+    """``clinical.*`` of training: what the thresholds fitted on validation aim for (defaults: conf/train.yaml)."""
+
+    alpha: Alpha
+    specificity: Specificity
+    coverage: Coverage
+    ood_quantile: OODQuantile
+    ood_method: OODMethod
+    figures: Annotated[bool, Strict()] = True
+
+
+@dataclass(frozen=True, kw_only=True, config=SCHEMA)
+class ClinicalOverrides:
+    """``clinical.*`` of predict and evaluate: null keeps the value the checkpoint was trained with."""
+
+    alpha: Alpha | None = None
+    specificity: Specificity | None = None
+    coverage: Coverage | None = None
+    ood_quantile: OODQuantile | None = None
+    ood_method: OODMethod | None = None
+
+
 @dataclass(frozen=True, kw_only=True, config=SCHEMA)
 class TrainSettings:
     data: DataSettings
@@ -146,6 +176,7 @@ class TrainSettings:
     scheduler: SchedulerSettings | None = None  # scheduler=constant has no keys
     loss: LossSettings | None = None
     gallery: GallerySettings
+    clinical: ClinicalSettings
     seed: Annotated[Whole, Field(ge=0, le=2**32 - 1, description="numpy's seed range")]
 
 
@@ -154,12 +185,14 @@ class EvaluateSettings:
     data: LoaderSettings
     tta_views: TtaViews
     split_from: Literal["data", "file"]
+    clinical: ClinicalOverrides
 
 
 @dataclass(frozen=True, kw_only=True, config=SCHEMA)
 class PredictSettings:
     batch_size: Annotated[Whole, Field(ge=1)]
     tta_views: TtaViews
+    clinical: ClinicalOverrides
 
 
 @dataclass(frozen=True, kw_only=True, config=SCHEMA)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -49,10 +50,12 @@ from skinlesion.runfolder.files import (
     write_json,
     write_resolved_config,
 )
+from skinlesion.runfolder.model_card import write_model_card
 from skinlesion.runfolder.resume import check_resume, record_resume, replayed_overrides, resume_arguments
 from skinlesion.runfolder.summary import COMPLETED, FAILED, FAILURE_FILE, TRAIN, RunSummary
 from skinlesion.scoring.artifacts import split_interval_method, write_split_artifacts
 from skinlesion.scoring.calibration import fit_temperature, write_calibration
+from skinlesion.scoring.clinical import CalibrationSet, ClinicalTargets, evaluate_splits
 from skinlesion.settings import TrainSettings, check_settings
 
 log = logging.getLogger(__name__)
@@ -217,6 +220,10 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
     losses = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
     uncalibrated = {"val": module.take_predictions("val")}
     calibration = _calibrate(cfg, module, uncalibrated["val"])
+    clinical_set = CalibrationSet.from_predictions(  # the clinical thresholds' validation set, into best.ckpt
+        uncalibrated["val"], datamodule.records, calibration["temperature"], ClinicalTargets.from_config(cfg.clinical)
+    )
+    module.clinical_calibration = clinical_set.to_checkpoint()
     if datamodule.has_test:
         losses |= trainer.test(module, datamodule=datamodule, verbose=False)[0]
         uncalibrated["test"] = module.take_predictions("test")
@@ -227,9 +234,16 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
 
     metrics = {k: v for k, v in losses.items() if k.endswith("/loss")}  # the training loss on the best weights
     intervals = {}  # what each split's bootstrap intervals resample: lesions, or images where none are named
-    for split, predictions in uncalibrated.items():
-        metrics |= _split_artifacts(predictions, module, datamodule, run_dir, split, calibration["temperature"])
+    calibrated = {split: p.with_temperature(calibration["temperature"]) for split, p in uncalibrated.items()}
+    for split, predictions in calibrated.items():
+        metrics |= _split_artifacts(
+            predictions, module.class_names, datamodule.records, run_dir, split, calibration["temperature"]
+        )
         intervals[split] = split_interval_method(predictions.records_of(datamodule.records))
+    clinical_metrics, clinical = evaluate_splits(
+        run_dir, calibrated, datamodule.records, clinical_set, None, "val", cfg.clinical.figures
+    )
+    metrics |= clinical_metrics
     total, trainable = count_parameters(module.backbone)
     summary = RunSummary(
         task=TRAIN,
@@ -256,11 +270,14 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
         train_images_per_s=round(history.images_per_s, 1) if history else None,
         calibration=calibration,
         last_epoch=last_epoch,
+        clinical=clinical,
     )
     summary.write()
+    write_model_card(run_dir)  # from the files just written, so it always describes them
     if cfg.gallery.enabled:  # after metrics.json: a figure problem never costs the run its results
-        calibrated_val = uncalibrated["val"].with_temperature(calibration["temperature"])
-        write_validation_gallery(module, datamodule, calibrated_val, run_dir, cfg.gallery.per_class, cfg.gallery.method)
+        write_validation_gallery(
+            module, datamodule, calibrated["val"], run_dir, cfg.gallery.per_class, cfg.gallery.method
+        )
     tracking.log_end(loggers, summary, cfg.monitor, trainer.global_step, cfg.tracking.log_checkpoint)
     log.info("run folder: %s", run_dir)
     return summary
@@ -282,17 +299,17 @@ def _calibrate(cfg: DictConfig, module: SkinLesionClassifier, val: SplitPredicti
 
 
 def _split_artifacts(
-    predictions: SplitPredictions,
-    module: SkinLesionClassifier,
-    datamodule: SkinLesionDataModule,
+    calibrated: SplitPredictions,
+    classes: tuple[str, ...],
+    records: pd.DataFrame,
     run_dir: Path,
     split: str,
     temperature: float,
 ) -> dict:
-    """The split's artifacts from its calibrated probabilities, and ECE/NLL before and after calibration."""
-    calibrated = predictions.with_temperature(temperature)
-    metrics = write_split_artifacts(run_dir, split, calibrated, datamodule.records, module.class_names)
-    return metrics | write_calibration(run_dir, split, predictions, temperature)  # and reliability_<split>.png
+    """The split's artifacts from its calibrated probabilities, and ECE/NLL before and after calibration (from
+    the raw logits the predictions keep)."""
+    metrics = write_split_artifacts(run_dir, split, calibrated, records, classes)
+    return metrics | write_calibration(run_dir, split, calibrated, temperature)  # and reliability_<split>.png
 
 
 def _score(metrics: dict, split: str, name: str, resampled: str = "lesion") -> str:

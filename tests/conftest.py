@@ -70,6 +70,7 @@ def tiny_train_overrides(root: Path, data_root: Path, cache: Path) -> list[str]:
         "finetune.unfreeze_at_epoch=1",
         "finetune.num_blocks=1",
         "gallery.enabled=false",
+        "clinical.figures=false",  # a second or two per figure; trained_run draws them
     ]
 
 
@@ -130,7 +131,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path, 
     root = tmp_path_factory.mktemp("trained-run")
     overrides = tiny_train_overrides(root, synthetic_root, cache_dir)
     overrides += ["trainer.max_epochs=1", "finetune.unfreeze_at_epoch=null", "+trainer.limit_train_batches=3"]
-    train(compose_config("train", overrides))
+    train(compose_config("train", [*overrides, "clinical.figures=true"]))
     return root / "run"
 
 
@@ -182,6 +183,7 @@ USER_TINY = [
     "+trainer.limit_train_batches=2",
     "finetune.unfreeze_at_epoch=1",
     "gallery.enabled=false",
+    "clinical.figures=false",
 ]
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from skinlesion.data.layouts import load_records
+from skinlesion.data.layouts import METADATA_COLUMNS, load_records
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.labels import CLASS_TO_INDEX
 
@@ -47,6 +47,9 @@ def test_ham10000_reads_the_metadata_and_finds_images_in_any_folder(tmp_path: Pa
     assert records["label"].tolist() == [CLASS_TO_INDEX[r[2]] for r in HAM_ROWS]
     assert all(Path(p).is_file() for p in records["path"])
     assert records["source_row"].tolist() == [2, 3, 4, 5]
+    # the subgroup audit's columns the metadata has come along as text (this file has no "dataset")
+    assert [c for c in METADATA_COLUMNS if c in records] == ["sex", "age", "localization", "dx_type"]
+    assert records["age"].tolist() == ["45.0"] * 4 and records["localization"].eq("back").all()
 
 
 def write_isic(root: Path, subset: str, labels: dict[str, str], columns: list[str], groupings: dict | None = None):
@@ -97,6 +100,7 @@ def test_isic2018_subsets_and_missing_groupings(tmp_path: Path) -> None:
     records = load_records(tmp_path, "isic2018", "Test")
     assert records["dx"].tolist() == ["df", "bcc"]
     assert records["lesion_id"].tolist() == records["image_id"].tolist()
+    assert not set(METADATA_COLUMNS) & set(records.columns)  # ISIC 2018 has no patient metadata
     with pytest.raises(DataError, match=r"ground-truth file not found: .*ISIC2018_Task3_Validation_GroundTruth.csv"):
         load_records(tmp_path, "isic2018", "Validation")
     with pytest.raises(ConfigError, match="unknown ISIC 2018 subset 'Testing'"):

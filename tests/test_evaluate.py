@@ -29,9 +29,14 @@ def run(trained_run: Path) -> Path:
     return trained_run
 
 
+FIGURES_OFF = ["clinical.figures=false"]  # the clinical PNGs take seconds; test_clinical_commands checks them
+
+
 def run_evaluate(tmp_path: Path, *overrides: str) -> RunSummary:
     out = tmp_path / "eval"
-    return evaluate(compose_config("evaluate", [f"paths.root_dir={tmp_path}", f"paths.output_dir={out}", *overrides]))
+    return evaluate(
+        compose_config("evaluate", [f"paths.root_dir={tmp_path}", f"paths.output_dir={out}", *FIGURES_OFF, *overrides])
+    )
 
 
 def read_predictions(folder: Path, split: str = "test") -> pd.DataFrame:

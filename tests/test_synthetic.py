@@ -15,7 +15,8 @@ from skinlesion.train import train
 
 from conftest import FROM_SCRATCH, compose_config, tiny_train_overrides
 
-HAM_COLUMNS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"]
+# The Dataverse release (and the real subset here) adds "dataset", the source clinic and device, at the end.
+HAM_COLUMNS = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization", "dataset"]
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from skinlesion.clinical.auroc import image_weights, macro_auroc
+from skinlesion.data.layouts import METADATA_COLUMNS
 from skinlesion.labels import CLASSES
 from skinlesion.scoring.bootstrap import (
     LEVEL,
@@ -48,7 +49,7 @@ from skinlesion.scoring.bootstrap import (
 
 log = logging.getLogger(__name__)
 
-AUDIT_COLUMNS = ("sex", "age", "localization", "dataset", "dx_type")
+AUDIT_COLUMNS = METADATA_COLUMNS  # the columns the data layouts carry into the records
 AUDIT_METRICS = ("balanced_acc", "recall_mel", "auroc_macro")
 AGE_BANDS = ((0, 30, "<30"), (30, 45, "30-44"), (45, 60, "45-59"), (60, 75, "60-74"), (75, 121, ">=75"))
 AGE_RANGE = (0, 120)

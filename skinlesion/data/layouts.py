@@ -1,7 +1,8 @@
 """Read a dataset folder into one table of records, whatever layout it was downloaded in.
 
 Every layout becomes the same frame: ``image_id, lesion_id, lesion_known, dx, label, path, source_row``
-with ``label`` the index into :data:`skinlesion.labels.CLASSES`, ``lesion_known`` false where the dataset
+plus, where the metadata has them, HAM10000's patient and image columns :data:`METADATA_COLUMNS` (the
+subgroup audit reads them; ISIC 2018's one-hot CSVs have none), with ``label`` the index into :data:`skinlesion.labels.CLASSES`, ``lesion_known`` false where the dataset
 names no lesion and the image stands for its own (ISIC 2018 without ``*_LesionGroupings.csv``: a bootstrap
 over such "lesions" resamples images) and ``source_row`` the line of the CSV the record came from (for
 error messages). Table-level problems raise :class:`DataError` at once naming the
@@ -34,6 +35,9 @@ GET_DATA_HINT = (
 )
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 RECORD_COLUMNS = ["image_id", "lesion_id", "lesion_known", "dx", "label", "path", "source_row"]
+# Carried as text when the metadata has them: who the patient is, where the lesion is, which clinic and
+# device took the photo, and how the diagnosis was confirmed (what the subgroup audit splits by).
+METADATA_COLUMNS = ("sex", "age", "localization", "dataset", "dx_type")
 _warned_no_groupings: set[Path] = set()  # each missing groupings file is reported once per process
 
 
@@ -148,9 +152,16 @@ def _attach_paths(frame: pd.DataFrame, image_root: Path) -> pd.DataFrame:
 
 
 def _records(
-    image_ids: pd.Series, lesion_ids: pd.Series, dx: pd.Series, table: Path, image_root: Path, lesion_known: pd.Series | bool = True
+    image_ids: pd.Series,
+    lesion_ids: pd.Series,
+    dx: pd.Series,
+    table: Path,
+    image_root: Path,
+    lesion_known: pd.Series | bool = True,
+    metadata: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """The loaders' common result (rows of ``table``, checked), with each image's path under ``image_root``."""
+    """The loaders' common result (rows of ``table``, checked), with each image's path under ``image_root``
+    and the :data:`METADATA_COLUMNS` that ``metadata`` (rows of ``table``) has."""
     records = pd.DataFrame(
         {
             "image_id": image_ids,
@@ -162,7 +173,10 @@ def _records(
         }
     )
     _check_one_dx_per_lesion(records, table)
-    return _attach_paths(records, image_root)[RECORD_COLUMNS]
+    extra = [c for c in METADATA_COLUMNS if metadata is not None and c in metadata]
+    for column in extra:
+        records[column] = metadata[column].str.strip()
+    return _attach_paths(records, image_root)[RECORD_COLUMNS + extra]
 
 
 def load_ham10000(root: Path) -> pd.DataFrame:
@@ -186,7 +200,7 @@ def load_ham10000(root: Path) -> pd.DataFrame:
     if empty.any():
         i = int(empty.idxmax())
         raise DataError(f"{meta} line {i + 2}: empty lesion_id for image_id {frame['image_id'][i]}")
-    return _records(frame["image_id"].str.strip(), lesion, dx, meta, root)
+    return _records(frame["image_id"].str.strip(), lesion, dx, meta, root, metadata=frame)
 
 
 def load_isic2018(root: Path, subset: str = "Training") -> pd.DataFrame:

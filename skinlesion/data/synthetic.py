@@ -1,7 +1,8 @@
 """A synthetic HAM10000 look-alike that a new user can train on without downloading anything.
 
 It writes the exact on-disk layout of the Kaggle download (``HAM10000_metadata.csv`` with the real
-columns, ``ISIC_XXXXXXX.jpg`` split over ``HAM10000_images_part_1/`` and ``_part_2/``, 600x450 RGB JPEGs),
+columns, ``sex, age, localization, dataset, dx_type`` drawn per lesion with plausible shares, so the
+subgroup audit has something to split by, ``ISIC_XXXXXXX.jpg`` split over ``HAM10000_images_part_1/`` and ``_part_2/``, 600x450 RGB JPEGs),
 with HAM10000's class proportions, several photos of some lesions, and class-dependent lesion colour,
 shape, border, texture and size on a skin-like background, so that a model can genuinely learn it.
 Beside the metadata it writes ``lesion_geometry.csv`` (centre and radii of each lesion in pixels), which
@@ -45,6 +46,8 @@ HAM_IMAGES_PER_LESION = {
     "nv": 1.24,
     "vasc": 1.45,
 }
+# HAM10000's source clinics and devices, with their shares of its images.
+DATASETS = {"vidir_molemax": 0.395, "vidir_modern": 0.336, "rosendahl": 0.225, "vienna_dias": 0.044}
 LOCALIZATIONS = (
     "back",
     "lower extremity",
@@ -263,6 +266,8 @@ def _metadata_row(lesion: Lesion, image_id: str) -> dict:
         "age": age,
         "sex": rng.choice(["male", "female", "unknown"], p=[0.54, 0.455, 0.005]),
         "localization": rng.choice(LOCALIZATIONS),
+        # drawn last, so the columns above are those of sets made before it was added
+        "dataset": rng.choice(list(DATASETS), p=np.array(list(DATASETS.values())) / sum(DATASETS.values())),
     }
 
 

@@ -23,8 +23,9 @@ from skinlesion.data.specs import CacheSpec
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.inference.tta import predict_proba_tta
-from skinlesion.models.module import SkinLesionClassifier
+from skinlesion.models.module import CLINICAL_KEY, SkinLesionClassifier
 from skinlesion.runfolder.checkpoints import classifier_from_checkpoint, read_checkpoint
+from skinlesion.scoring.clinical import CalibrationSet
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -77,6 +78,7 @@ class InferenceModel:
     model: SkinLesionClassifier
     path: Path
     data: dict = field(default_factory=dict)  # the DataModule settings saved in the checkpoint
+    clinical: CalibrationSet | None = None  # the validation predictions thresholds are fitted on (older: none)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> InferenceModel:
@@ -84,7 +86,9 @@ class InferenceModel:
         checkpoint = read_checkpoint(path)
         model = classifier_from_checkpoint(checkpoint, path).to(resolve_device(device))
         model.configure_model()  # channels_last weights on a GPU, as the inputs it will get
-        return cls(model, path, dict(checkpoint.get("datamodule_hyper_parameters") or {}))
+        clinical = checkpoint.get(CLINICAL_KEY)
+        calibration = CalibrationSet.from_checkpoint(clinical) if clinical is not None else None
+        return cls(model, path, dict(checkpoint.get("datamodule_hyper_parameters") or {}), calibration)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -122,6 +126,11 @@ class InferenceModel:
         """Class probabilities of uint8 NCHW ``images`` (temperature-scaled unless ``calibrated=False``)."""
         probs = predict_proba_tta(self.model, images.to(self.model.device), views=tta_views, calibrated=calibrated)
         return probs.float().cpu()
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw logits of uint8 NCHW ``images`` (one view): what the OOD score reads."""
+        return self.model(self.model.normalize(images.to(self.model.device))).float().cpu()
 
     def labels_by_image_id(self) -> dict[str, int]:
         """Image id -> label of the checkpoint's dataset where it is on disk, else empty (labels unknown)."""

@@ -28,6 +28,8 @@ from skinlesion.models.optim import param_groups
 
 log = logging.getLogger(__name__)
 
+CLINICAL_KEY = "clinical"  # best.ckpt's entry for the clinical calibration set
+
 
 class SkinLesionClassifier(L.LightningModule):
     def __init__(
@@ -82,6 +84,9 @@ class SkinLesionClassifier(L.LightningModule):
         self.train_metrics = classification_metrics("train", self.class_names, full=False)
         self._predictions: dict[str, SplitPredictions] = {}  # the last evaluation epoch's, per split
         self._collected: dict[str, list] = {}
+        # Set after training: the validation predictions the clinical thresholds are fitted on (a plain dict,
+        # skinlesion.scoring.clinical.CalibrationSet.to_checkpoint), saved into best.ckpt beside the weights.
+        self.clinical_calibration: dict | None = None
 
     # ---- model ------------------------------------------------------------------------------------------
     @property
@@ -214,6 +219,11 @@ class SkinLesionClassifier(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         logits = self(batch["image"]).float()
         return {"probs": probabilities(logits, self.temperature), "index": batch["index"]}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """best.ckpt carries what predict's clinical columns need (a variable-size set, so not a buffer)."""
+        if self.clinical_calibration is not None:
+            checkpoint[CLINICAL_KEY] = self.clinical_calibration
 
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.hparams.optimizer)(param_groups(self.backbone, self.hparams.backbone_lr))

@@ -81,9 +81,19 @@ def run_row(run: Path, root: Path, prefer: str | None = None) -> dict[str, Any]:
         "train_time_s": summary.train_time_s,
         "train_images_per_s": summary.train_images_per_s,
         **_interval_method(summary, run, split),
+        "flagged_subgroups": _flagged_subgroups(summary, split),
         "error": None,
     }
     return row
+
+
+def _flagged_subgroups(summary: RunSummary, split: str) -> str | None:
+    """The split's subgroups flagged by the clinical audit, '; '-joined ('' for none; None: not audited,
+    as in runs written before the audit or on a set without metadata)."""
+    found = summary.clinical.get("splits", {}).get(split)
+    if not found or f"{split}/subgroups_flagged" not in summary.metrics:
+        return None
+    return "; ".join(found.get("flagged_subgroups", []))
 
 
 def _interval_method(summary: RunSummary, run: Path, split: str) -> dict[str, str | None]:

@@ -136,6 +136,31 @@ def _fairness_line(done: pd.DataFrame) -> list[str]:
     ]
 
 
+def _flagged_section(done: pd.DataFrame, names: list[str]) -> list[str]:
+    """The subgroups each backbone's clinical audit flagged (interval wholly below the whole split)."""
+    if "flagged_subgroups" not in done or done["flagged_subgroups"].isna().all():
+        return []
+    text = (
+        "Subgroups (sex, age band, body site, clinic, ground truth) whose lesion-bootstrap interval lies wholly "
+        "below the whole split's balanced accuracy, melanoma recall or macro AUROC, from each run's "
+        "`subgroups_<split>.csv`. With some thirty subgroups a flag can arise by chance: it says where to look."
+    )
+    table = done.assign(
+        flagged_subgroups=done["flagged_subgroups"].map(
+            lambda f: "not audited" if not isinstance(f, str) else (f or "none")
+        )
+    )
+    headers = {**HEADERS, "flagged_subgroups": "flagged subgroups"}
+    return [
+        "## Flagged subgroups",
+        "",
+        text,
+        "",
+        _markdown_table(table, [*names, "split", "flagged_subgroups"], headers),
+        "",
+    ]
+
+
 def summary_markdown(report: Report, rank_by: str) -> str:
     summary, runs = report.summary, report.runs
     done = summary[summary["status"] == "completed"]
@@ -162,6 +187,7 @@ def summary_markdown(report: Report, rank_by: str) -> str:
         lines += ["## Recall per class", ""]
         recall_headers = {r: r.removeprefix("recall_") for r in RECALLS}
         lines += [_markdown_table(done, [*names, *RECALLS], recall_headers), ""]
+        lines += _flagged_section(done, names)
         lines += ["## Plots", "", f"![headline metrics]({METRICS_PNG})", "", f"![confusion matrices]({CONFUSION_PNG})"]
         lines += ["", f"![one-vs-rest ROC curves]({ROC_PNG})", ""]
     if not report.failed.empty:

@@ -86,6 +86,7 @@ def summarize(runs: pd.DataFrame, rank_by: str = DEFAULT_RANK_BY) -> pd.DataFram
             values = pd.to_numeric(done[name], errors="coerce")
             row[name] = values.mean()
             row[f"{name}_std"] = values.std(ddof=1) if len(done) > 1 else math.nan
+        row["flagged_subgroups"] = pooled_flags(done["flagged_subgroups"])
         for name in INTERVALS:  # of one run's test images; several seeds have their std instead
             row[name] = pd.to_numeric(done[name], errors="coerce").iloc[0] if len(done) == 1 else math.nan
         rows.append(row)
@@ -101,6 +102,18 @@ def summarize(runs: pd.DataFrame, rank_by: str = DEFAULT_RANK_BY) -> pd.DataFram
     if "error" not in summary:
         summary["error"] = None
     return summary[[c for c in summary.columns if c != "error"] + ["error"]].reset_index(drop=True)
+
+
+def pooled_flags(flags: pd.Series) -> str | None:
+    """One run's flagged subgroups as they are; several seeds': each subgroup with how many seeds flagged it
+    (a flag in one seed of three is weaker evidence than in all). None when no run was audited."""
+    audited = [f for f in flags if isinstance(f, str)]
+    if not audited:
+        return None
+    if len(flags) == 1:
+        return audited[0]
+    counts = pd.Series([g for f in audited for g in f.split("; ") if g]).value_counts()
+    return "; ".join(f"{group} ({n}/{len(audited)} seeds)" for group, n in counts.items())
 
 
 def completed_runs(runs: pd.DataFrame, row: pd.Series) -> pd.DataFrame:

@@ -32,6 +32,7 @@ ACCEPTED_PREFIXES = (
     "print_config",
     "tracking.",
     "callbacks.lr_monitor",
+    "clinical.",  # what is fitted on validation after training (and a run from before it had none)
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "trainer.log_every_n_steps",

@@ -39,6 +39,9 @@ class RunSummary:
     seed: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     interval_method: dict[str, dict[str, str]] = field(default_factory=dict)  # per split: lesion or image, why
+    # the clinical evaluation (skinlesion.scoring.clinical): its targets, the thresholds fitted on validation,
+    # and per split the files written, the notes and the flagged subgroups
+    clinical: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     traceback: str | None = None
     # training
@@ -85,7 +88,11 @@ class RunSummary:
         if self.status != FAILED:
             skipped |= set(FAILURE_FIELDS)
         else:  # a failed run has no results to report
-            skipped |= {f for f in own if getattr(self, f) in (None, {}, [])} | {"metrics", "interval_method"}
+            skipped |= {f for f in own if getattr(self, f) in (None, {}, [])} | {
+                "metrics",
+                "interval_method",
+                "clinical",
+            }
         return {k: v for k, v in asdict(self).items() if k not in skipped}
 
     def write(self, run_dir: str | Path | None = None) -> Path:
