@@ -212,6 +212,8 @@ def _clinical(
         notes.insert(0, reason)
     elif cfg.tta:
         notes.insert(0, "tta=true: the thresholds were fitted on single-view validation probabilities")
+    if reason is None:
+        notes.append("no out-of-distribution share: evaluate keeps probabilities, not logits (training reports it)")
     return metrics, clinical
 
 

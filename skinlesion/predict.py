@@ -83,7 +83,9 @@ def predict_files(
     thresholds: Thresholds | None = None,
 ) -> pd.DataFrame:
     """One row per path, in order; an unreadable file gets its reason in ``error`` and no probabilities.
-    ``thresholds``: the clinical decisions' (None: those columns empty)."""
+    ``thresholds``: the clinical decisions' (None: those columns empty), always applied to the single-view,
+    temperature-scaled probabilities they were fitted on, whatever ``tta_views`` and ``calibrated`` say of the
+    ``prob_*`` columns."""
     rows = []
     for start in range(0, len(paths), batch_size):
         readable, inputs, errors = [], [], {}
@@ -97,8 +99,10 @@ def predict_files(
         predicted = {}
         if inputs:
             probs, logits = _probabilities(model, torch.stack(inputs), tta_views, calibrated)
-            names = [p.name for p in readable]
-            decided = thresholds.decisions(probs.numpy(), logits.numpy(), names) if thresholds is not None else None
+            decided = None
+            if thresholds is not None:  # on the scale they were fitted on: one view, temperature-scaled
+                fitted_scale = probabilities(logits, model.model.temperature.cpu()).numpy()
+                decided = thresholds.decisions(fitted_scale, logits.numpy(), [p.name for p in readable])
             predicted = dict(zip(readable, _rows(model, readable, probs, decided), strict=True))
         rows += [
             predicted.get(path) or {"path": str(path), "error": errors[path]}
@@ -118,8 +122,6 @@ def _thresholds(model: InferenceModel, cfg: DictConfig) -> Thresholds | None:
             ", ".join(DECISION_COLUMNS),
         )
         return None
-    if not cfg.calibrated:
-        log.warning("calibrated=false: the clinical thresholds were fitted on temperature-scaled probabilities")
     return Thresholds.fit(model.clinical, model.clinical.settings.overridden(cfg.clinical))
 
 
@@ -151,6 +153,8 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
             "tta_views": views,
             "class_counts": frame["pred"].value_counts().to_dict(),
             "clinical": thresholds.to_dict() if thresholds is not None else None,
+            # what the decision columns were computed from, whatever tta/calibrated did to the prob_* columns
+            "clinical_applied_to": "single-view temperature-scaled probabilities, as the thresholds were fitted",
         },
     )
     log.info("%d images predicted, %d unreadable; predictions in %s", len(frame) - failed, failed, target)

@@ -181,7 +181,7 @@ def _check_resumed_split(cfg: DictConfig, split_file: Path) -> None:
 def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes: dict | None) -> RunSummary | None:
     if rank_zero_only.rank == 0 and resume_changes is None:  # a resumed run keeps its config.yaml
         write_resolved_config(cfg, run_dir)
-    if rank_zero_only.rank == 0 and cfg.get("print_config", True):
+    if rank_zero_only.rank == 0 and cfg.print_config:
         show_config_tree(cfg, run_dir if resume_changes is None else None)
     if cfg.data.get("synthetic") is None:  # a missing dataset fails here, before any model is built
         load_records(cfg.data.root, cfg.data.layout, cfg.data.subset)

@@ -4,6 +4,7 @@ flagged subgroups."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -85,12 +86,12 @@ def test_training_writes_the_clinical_evaluation_and_best_ckpt_carries_its_thres
         "test/subgroups_flagged",
     ):
         assert key in metrics, key
-    assert 0 <= metrics["test/conformal_coverage"] <= 1
+    conformal = json.loads((trained_run / "conformal_test.json").read_text())
+    assert metrics["test/conformal_coverage"] == pytest.approx(conformal["coverage"])
 
     model = InferenceModel.load(trained_run / "checkpoints" / "best.ckpt", "cpu")
-    assert model.clinical is not None and len(model.clinical.labels) == len(
-        pd.read_csv(trained_run / "predictions_val.csv")
-    )
+    val = pd.read_csv(trained_run / "predictions_val.csv", dtype={"lesion_id": str})
+    assert model.clinical is not None and list(model.clinical.lesion_ids) == list(val["lesion_id"])  # val, not test
     assert model.clinical.temperature == pytest.approx(float(model.model.temperature))
     refitted = Thresholds.fit(model.clinical).to_dict()
     stored = clinical["thresholds"]

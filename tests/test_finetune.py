@@ -12,7 +12,8 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 
@@ -394,3 +395,30 @@ def test_auto_is_resolved_once_for_the_run() -> None:
     trainer = L.Trainer(accelerator="cpu", max_epochs=30, logger=False, enable_progress_bar=False)
     callback.setup(trainer, module, "fit")
     assert callback.unfreeze_at_epoch == 3  # a third of the 9 it was resolved for, not of 30
+
+
+def test_a_checkpoint_from_before_the_no_decay_group_names_resumes_with_the_learning_rate_monitor(
+    tmp_path: Path,
+) -> None:
+    """Such a checkpoint holds two groups called head (and two backbone): LearningRateMonitor would refuse them."""
+    fit(tmp_path / "old", "constant", max_epochs=1, unfreeze_at_epoch=None)
+    checkpoint = torch.load(tmp_path / "old" / "ckpt" / "epoch0.ckpt", weights_only=False)
+    for group in checkpoint["optimizer_states"][0]["param_groups"]:
+        group["name"] = group["name"].removesuffix("/no_decay")  # as the earlier version saved them
+    assert [g["name"] for g in checkpoint["optimizer_states"][0]["param_groups"]] == ["head"] * 2 + ["backbone"] * 2
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    module = build("mobilenetv2", "scheduler=constant")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=CSVLogger(tmp_path / "logs"),
+        callbacks=[TwoStageFinetuning(unfreeze_at_epoch=None, backbone_lr=BACKBONE_LR), LearningRateMonitor()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=RandomImages(), ckpt_path=str(old))
+    assert trainer.current_epoch == 2
+    names = [g["name"] for g in trainer.optimizers[0].param_groups]
+    assert names == ["head", "head/no_decay", "backbone", "backbone/no_decay"]

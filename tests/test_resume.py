@@ -170,7 +170,7 @@ def test_training_refuses_to_generate_synthetic_data_next_to_the_users_files(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["my_images", "outputs"]
 
 
-def test_a_run_saved_before_the_tracking_settings_existed_still_resumes() -> None:
+def test_settings_added_later_only_for_display_and_logging_are_accepted_on_resume() -> None:
     """Settings added later that only decide what is shown or logged are absent from an older config.yaml."""
     saved = {"seed": 0, "callbacks": {"history": {"_target_": "H"}}}
     current = saved | {

@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 
 AUDIT_COLUMNS = METADATA_COLUMNS  # the columns the data layouts carry into the records
 AUDIT_METRICS = ("balanced_acc", "recall_mel", "auroc_macro")
+AUDIT_METRIC_NAMES = {
+    "balanced_acc": "balanced accuracy",
+    "recall_mel": "melanoma recall",
+    "auroc_macro": "macro AUROC",
+}
 AGE_BANDS = ((0, 30, "<30"), (30, 45, "30-44"), (45, 60, "45-59"), (60, 75, "60-74"), (75, 121, ">=75"))
 AGE_RANGE = (0, 120)
 MIN_SITE_LESIONS = 20

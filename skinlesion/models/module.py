@@ -24,7 +24,7 @@ from skinlesion.inference.predictions import SplitPredictions, probabilities
 from skinlesion.labels import CLASSES
 from skinlesion.models.backbone import BackboneSpec, create_backbone, get_module, resolve_blocks
 from skinlesion.models.metrics import classification_metrics, probability_metrics
-from skinlesion.models.optim import param_groups
+from skinlesion.models.optim import param_groups, rename_saved_groups
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,11 @@ class SkinLesionClassifier(L.LightningModule):
         """best.ckpt carries what predict's clinical columns need (a variable-size set, so not a buffer)."""
         if self.clinical_calibration is not None:
             checkpoint[CLINICAL_KEY] = self.clinical_calibration
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A run saved by an earlier version resumes: its optimiser groups get today's names."""
+        for state in checkpoint.get("optimizer_states", []):
+            rename_saved_groups(state)
 
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.hparams.optimizer)(param_groups(self.backbone, self.hparams.backbone_lr))

@@ -67,3 +67,15 @@ class WarmupCosine(LambdaLR):
             return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         super().__init__(optimizer, factor)
+
+
+def rename_saved_groups(optimizer_state: dict) -> None:
+    """A checkpoint saved before the no-decay twins had names of their own holds two groups called ``head``
+    (and two ``backbone``); ``Optimizer.load_state_dict`` puts those names back, and LearningRateMonitor
+    refuses duplicates. The twin without weight decay is renamed as :func:`param_groups` names it now."""
+    seen: set[str] = set()
+    for group in optimizer_state.get("param_groups", []):
+        name = group.get("name")
+        if name in seen and not str(name).endswith(NO_DECAY):
+            group["name"] = f"{name}{NO_DECAY}"
+        seen.add(group.get("name"))

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from skinlesion.clinical.subgroups import AUDIT_METRICS
+from skinlesion.clinical.subgroups import AUDIT_METRIC_NAMES, AUDIT_METRICS
 from skinlesion.data.datamodule import SKIPPED_FILE, SPLIT_FILE
 from skinlesion.data.synthetic import GEOMETRY_FILE
 from skinlesion.labels import CLASSES
@@ -24,7 +24,6 @@ from skinlesion.runfolder.files import CONFIG_FILE, atomic_write
 from skinlesion.runfolder.summary import RunSummary
 
 MODEL_CARD = "model_card.md"
-METRIC_LABELS = {"balanced_acc": "balanced accuracy", "recall_mel": "melanoma recall", "auroc_macro": "macro AUROC"}
 
 
 def _number(value: Any, digits: int = 3) -> str:
@@ -175,7 +174,7 @@ def _subgroup_section(run: Path, summary: RunSummary, split: str) -> list[str]:
         f"this many comparisons a flag can arise by chance: it says where to look. Full table: `{path.name}`"
         + (f", plot `subgroups_{split}.png`." if (run / f"subgroups_{split}.png").is_file() else ".")
     )
-    header = ["subgroup", "images", "lesions", *(METRIC_LABELS[m] for m in AUDIT_METRICS)]
+    header = ["subgroup", "images", "lesions", *(AUDIT_METRIC_NAMES[m] for m in AUDIT_METRICS)]
 
     def cells(row: pd.Series) -> list[str]:
         name = "whole split" if row["column"] == "all" else f"{row['column']}={row['subgroup']}"

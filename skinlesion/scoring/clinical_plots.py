@@ -9,10 +9,8 @@ import numpy as np
 import pandas as pd
 
 from skinlesion.clinical.operating_points import binary_curves, binary_score, binary_truth
-from skinlesion.clinical.subgroups import AUDIT_METRICS
+from skinlesion.clinical.subgroups import AUDIT_METRIC_NAMES, AUDIT_METRICS
 from skinlesion.plots import plt, save_figure
-
-METRIC_NAMES = {"balanced_acc": "balanced accuracy", "recall_mel": "melanoma recall", "auroc_macro": "macro AUROC"}
 
 
 def plot_subgroups(table: pd.DataFrame, path: Path, title: str = "") -> None:
@@ -36,7 +34,7 @@ def plot_subgroups(table: pd.DataFrame, path: Path, title: str = "") -> None:
         if np.isfinite(whole):
             ax.axvline(whole, color="grey", linestyle=":", linewidth=1)
         ax.set_xlim(-0.02, 1.02)
-        ax.set_title(METRIC_NAMES.get(metric, metric), fontsize=9)
+        ax.set_title(AUDIT_METRIC_NAMES.get(metric, metric), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_yticks(y, labels, fontsize=7)
     fig.suptitle(f"{title} subgroups (lesions in brackets; red: interval below the whole split)".strip(), fontsize=9)
