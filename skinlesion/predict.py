@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from skinlesion import cli
+from skinlesion.clinical.thresholds import DECISION_COLUMNS, Thresholds
 from skinlesion.data.images import ImageReadError
 from skinlesion.errors import ConfigError
 from skinlesion.inference.model import InferenceModel, list_images, required_path
@@ -31,7 +32,6 @@ from skinlesion.inference.predictions import PROB_PREFIX, probabilities
 from skinlesion.inference.topk import decision
 from skinlesion.inference.tta import tta_views
 from skinlesion.runfolder.files import atomic_write, check_writable, write_json
-from skinlesion.scoring.clinical import DECISION_COLUMNS, Thresholds
 from skinlesion.settings import PredictSettings, check_settings
 
 log = logging.getLogger(__name__)

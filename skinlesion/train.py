@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from skinlesion import cli, tracking
 from skinlesion.callbacks.finetune import TwoStageFinetuning
 from skinlesion.callbacks.history import TrainingHistory
+from skinlesion.clinical.thresholds import CalibrationSet, ClinicalTargets
 from skinlesion.data.datamodule import SPLIT_FILE, SkinLesionDataModule
 from skinlesion.data.layouts import load_records
 from skinlesion.data.splits import check_same_split
@@ -55,7 +56,7 @@ from skinlesion.runfolder.resume import check_resume, record_resume, replayed_ov
 from skinlesion.runfolder.summary import COMPLETED, FAILED, FAILURE_FILE, TRAIN, RunSummary
 from skinlesion.scoring.artifacts import split_interval_method, write_split_artifacts
 from skinlesion.scoring.calibration import fit_temperature, write_calibration
-from skinlesion.scoring.clinical import CalibrationSet, ClinicalTargets, evaluate_splits
+from skinlesion.scoring.clinical import evaluate_splits
 from skinlesion.settings import TrainSettings, check_settings
 
 log = logging.getLogger(__name__)

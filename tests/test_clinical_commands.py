@@ -15,6 +15,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from skinlesion.clinical.thresholds import DECISION_COLUMNS, Thresholds
 from skinlesion.data.layouts import load_records
 from skinlesion.errors import SettingError
 from skinlesion.evaluate import evaluate
@@ -27,7 +28,7 @@ from skinlesion.reporting.markdown import summary_markdown
 from skinlesion.reporting.rank import Report, compare_with_first, pooled_flags, summarize
 from skinlesion.runfolder.model_card import MODEL_CARD, model_card
 from skinlesion.runfolder.summary import RunSummary
-from skinlesion.scoring.clinical import DECISION_COLUMNS, Thresholds, evaluate_splits, split_metadata
+from skinlesion.scoring.clinical import evaluate_splits, split_metadata
 from skinlesion.train import train
 
 from conftest import compose_config, random_checkpoint, run_cli, tiny_train_overrides

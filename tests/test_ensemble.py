@@ -15,8 +15,7 @@ from skinlesion.errors import ConfigError
 from skinlesion.evaluate import evaluate
 from skinlesion.inference.ensemble import ensemble_checkpoints, member_names
 from skinlesion.labels import CLASSES
-from skinlesion.runfolder.files import write_json
-from skinlesion.runfolder.summary import RunSummary
+from skinlesion.runfolder.summary import COMPLETED, FAILED, TRAIN, RunSummary
 
 from conftest import compose_config
 
@@ -93,8 +92,8 @@ def test_ensemble_of_a_multirun_folder_uses_every_completed_run(members: tuple[P
         run = sweep / f"{i}_mobilenetv2_seed{i}"
         (run / "checkpoints").mkdir(parents=True)
         shutil.copy(checkpoint, run / "checkpoints" / "best.ckpt")
-        write_json(run / "metrics.json", {"status": "completed", "backbone": "mobilenetv2", "seed": i})
-    write_json(sweep / "2_inception_v3_seed0" / "metrics.json", {"status": "failed", "error": "ConfigError: ..."})
+        RunSummary(TRAIN, COMPLETED, str(run), backbone="mobilenetv2", seed=i).write()
+    RunSummary(TRAIN, FAILED, str(sweep / "2_inception_v3_seed0"), error="ConfigError: ...").write()
     assert [p.parent.parent.name for p in ensemble_checkpoints(str(sweep))] == [
         "0_mobilenetv2_seed0",
         "1_mobilenetv2_seed1",

@@ -24,7 +24,7 @@ from skinlesion.reporting.plots import error_bars
 from skinlesion.reporting.rank import PAIRED
 from skinlesion.reporting.write import write_report
 from skinlesion.runfolder.files import find_runs, write_json
-from skinlesion.runfolder.summary import COMPLETED, FAILED, TRAIN, RunSummary
+from skinlesion.runfolder.summary import COMPLETED, EVALUATE, FAILED, TRAIN, RunSummary
 from skinlesion.scoring.artifacts import write_split_artifacts
 from skinlesion.scoring.bootstrap import interval_method
 
@@ -252,7 +252,7 @@ def test_runs_without_a_test_split_report_validation_and_configs_stay_apart(tmp_
 
 
 def test_evaluation_folders_are_not_training_runs(tmp_path: Path) -> None:
-    write_json(tmp_path / "eval" / "metrics.json", {"task": "evaluate", "status": "completed", "metrics": {}})
+    RunSummary(EVALUATE, COMPLETED, str(tmp_path / "eval")).write()
     with pytest.raises(DataError, match="no training runs"):
         write_report(tmp_path)
 

@@ -11,14 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from skinlesion.errors import ConfigError
-from skinlesion.runfolder.files import (
-    BEST_CHECKPOINT,
-    CHECKPOINT_DIR,
-    METRICS_FILE,
-    best_checkpoint,
-    find_runs,
-    read_json,
-)
+from skinlesion.runfolder.files import BEST_CHECKPOINT, CHECKPOINT_DIR, best_checkpoint, find_runs
+from skinlesion.runfolder.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +24,7 @@ def sweep_checkpoints(folder: Path) -> list[Path]:
     """``best.ckpt`` of every completed run under ``folder``; failed runs are skipped with a warning."""
     found, skipped = [], []
     for run in find_runs(folder):
-        completed = (run / METRICS_FILE).is_file() and read_json(run / METRICS_FILE).get("status") == "completed"
+        completed = RunSummary.exists(run) and RunSummary.read(run).completed
         (found if completed and best_checkpoint(run).is_file() else skipped).append(run)
     if skipped:
         log.warning(

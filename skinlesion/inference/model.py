@@ -16,6 +16,7 @@ import albumentations as A
 import numpy as np
 import torch
 
+from skinlesion.clinical.thresholds import CalibrationSet
 from skinlesion.data.dataset import to_chw_tensor
 from skinlesion.data.images import DEFAULT_MAX_PIXELS, load_resized, load_rgb
 from skinlesion.data.layouts import load_records
@@ -25,7 +26,6 @@ from skinlesion.errors import ConfigError, DataError
 from skinlesion.inference.tta import predict_proba_tta
 from skinlesion.models.module import CLINICAL_KEY, SkinLesionClassifier
 from skinlesion.runfolder.checkpoints import classifier_from_checkpoint, read_checkpoint
-from skinlesion.scoring.clinical import CalibrationSet
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -1,9 +1,10 @@
-"""The clinical evaluation of a scored split (issue 14), written into the run folder.
+"""The clinical evaluation of a scored split, written into the run folder.
 
 The statistics are pure functions in :mod:`skinlesion.clinical`; this module is where a run meets them.
-Thresholds are fitted on the validation split's calibrated predictions (the :class:`CalibrationSet`,
-which ``best.ckpt`` stores, so that `predict` and `evaluate` refit them for their own settings without
-the data) and applied, fixed, to the split being scored. Per split it writes:
+Thresholds are fitted on the validation split's calibrated predictions (the
+:class:`~skinlesion.clinical.thresholds.CalibrationSet`, which ``best.ckpt`` stores, so that `predict` and
+`evaluate` refit them for their own settings without the data) and applied, fixed, to the split being
+scored. Per split it writes:
 
 - ``subgroups_<split>.csv/.png``: the subgroup audit (sex, age band, site, clinic, ground truth);
 - ``risk_coverage_<split>.csv/.png``: selective prediction (AURC, balanced accuracy at 80/90% coverage);
@@ -18,163 +19,35 @@ The headline numbers go into ``metrics.json`` as ``<split>/<metric>`` keys; what
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from skinlesion.clinical.conformal import (
-    ConformalCalibration,
-    calibrate_conformal,
     prediction_sets,
     set_coverage,
-    set_labels,
 )
-from skinlesion.clinical.ood import OODCalibration, calibrate_ood, ood_flags, ood_score
+from skinlesion.clinical.ood import ood_flags
 from skinlesion.clinical.operating_points import (
-    BINARY_TASKS,
     TARGET_SPECIFICITIES,
-    binary_score,
-    binary_truth,
     operating_points,
-    positive_flag,
-    threshold_for_specificity,
 )
 from skinlesion.clinical.selective import (
-    abstain,
-    confidence_threshold,
     risk_coverage_curve,
     scores_when_kept,
     selective_summary,
 )
 from skinlesion.clinical.subgroups import AUDIT_COLUMNS, subgroup_audit
-from skinlesion.inference.predictions import SplitPredictions, probabilities
+from skinlesion.clinical.thresholds import CalibrationSet, ClinicalTargets, Thresholds
+from skinlesion.inference.predictions import SplitPredictions
 from skinlesion.runfolder.files import write_json
 from skinlesion.scoring.clinical_plots import plot_operating_points, plot_risk_coverage, plot_subgroups
 
 log = logging.getLogger(__name__)
-
-DECISION_COLUMNS = ("prediction_set", "melanoma_flag", "malignant_flag", "abstain", "ood_score", "ood_flag")
-
-
-@dataclass(frozen=True)
-class ClinicalTargets:
-    """``clinical.*`` of the config: what the thresholds aim for (range-checked in :mod:`skinlesion.settings`)."""
-
-    alpha: float  # conformal sets may miss the true class this often
-    specificity: float  # predict's melanoma/malignant flags: the threshold reaching this on validation
-    coverage: float  # predict abstains below the confidence that keeps this share of validation
-    ood_quantile: float  # the share of validation lesions under the OOD threshold
-    ood_method: str  # energy or max_logit
-
-    @classmethod
-    def from_config(cls, node: Mapping[str, Any]) -> ClinicalTargets:
-        return cls(**{k: node[k] for k in cls.__dataclass_fields__ if node.get(k) is not None})
-
-    def overridden(self, node: Mapping[str, Any] | None) -> ClinicalTargets:
-        """These settings with the non-null values of ``node`` (null in predict/evaluate: the checkpoint's)."""
-        chosen = {k: v for k, v in (node or {}).items() if k in self.__dataclass_fields__ and v is not None}
-        return replace(self, **chosen)
-
-
-@dataclass(frozen=True)
-class CalibrationSet:
-    """The validation predictions thresholds are fitted on: raw logits, labels, lesion ids, the temperature,
-    and the settings training fitted them for. Small (classes + 1 numbers per image), so it travels in
-    ``best.ckpt`` and any threshold can be refitted for other settings without the data."""
-
-    logits: np.ndarray
-    labels: np.ndarray
-    lesion_ids: tuple[str, ...]
-    temperature: float
-    settings: ClinicalTargets
-
-    @classmethod
-    def from_predictions(
-        cls, val: SplitPredictions, records: pd.DataFrame, temperature: float, settings: ClinicalTargets
-    ) -> CalibrationSet:
-        lesions = tuple(str(v) for v in val.records_of(records)["lesion_id"])
-        return cls(val.logits.float().numpy(), val.labels.numpy(), lesions, float(temperature), settings)
-
-    @property
-    def probs(self) -> np.ndarray:
-        return probabilities(torch.from_numpy(self.logits), self.temperature).numpy()
-
-    def to_checkpoint(self) -> dict[str, Any]:
-        """Tensors and plain values only: ``torch.load(weights_only=True)`` reads it."""
-        return {
-            "logits": torch.from_numpy(self.logits).float(),
-            "labels": torch.from_numpy(np.asarray(self.labels, dtype=np.int64)),
-            "lesion_ids": list(self.lesion_ids),
-            "temperature": self.temperature,
-            "settings": asdict(self.settings),
-        }
-
-    @classmethod
-    def from_checkpoint(cls, entry: Mapping[str, Any]) -> CalibrationSet:
-        return cls(
-            entry["logits"].float().numpy(),
-            entry["labels"].numpy(),
-            tuple(entry["lesion_ids"]),
-            float(entry["temperature"]),
-            ClinicalTargets(**entry["settings"]),
-        )
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Everything `predict` decides with, fitted on a :class:`CalibrationSet` for one set of settings."""
-
-    settings: ClinicalTargets
-    conformal: ConformalCalibration
-    flags: dict[str, float | None]  # task -> score threshold at settings.specificity (None: not choosable)
-    abstain: float  # the confidence below which to abstain
-    ood: OODCalibration
-    notes: tuple[str, ...] = ()
-
-    @classmethod
-    def fit(cls, calibration: CalibrationSet, settings: ClinicalTargets | None = None) -> Thresholds:
-        settings = settings or calibration.settings
-        probs, labels = calibration.probs, calibration.labels
-        flags, notes = {}, []
-        for task in BINARY_TASKS:
-            try:
-                flags[task] = threshold_for_specificity(
-                    binary_score(probs, task), binary_truth(labels, task), settings.specificity
-                )
-            except ValueError as err:  # a validation split without positives (or negatives) of the task
-                flags[task] = None
-                notes.append(f"{task} flag: no threshold ({err})")
-        return cls(
-            settings=settings,
-            conformal=calibrate_conformal(probs, labels, calibration.lesion_ids, settings.alpha),
-            flags=flags,
-            abstain=confidence_threshold(probs, settings.coverage),
-            ood=calibrate_ood(calibration.logits, settings.ood_method, calibration.temperature, settings.ood_quantile),
-            notes=tuple(notes),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"notes": list(self.notes)}
-
-    def decisions(self, probs: np.ndarray, logits: np.ndarray | None, names: Sequence[str]) -> pd.DataFrame:
-        """`predict`'s columns for each image: its conformal set (its randomisation seeded by the image's
-        name, so a set does not depend on the batch), the melanoma/malignant flags, whether to abstain,
-        and the OOD score and flag (empty without ``logits``)."""
-        u = np.array([np.random.default_rng(zlib.crc32(str(n).encode())).random() for n in names])
-        sets = prediction_sets(probs, self.conformal, u=u)
-        frame = pd.DataFrame({"prediction_set": set_labels(sets)})
-        for task, threshold in self.flags.items():
-            frame[f"{task}_flag"] = positive_flag(probs, threshold, task) if threshold is not None else None
-        frame["abstain"] = abstain(probs, self.abstain)
-        frame["ood_score"] = ood_score(logits, self.ood.method, self.ood.temperature) if logits is not None else None
-        frame["ood_flag"] = ood_flags(logits, self.ood) if logits is not None else None
-        return frame
 
 
 @dataclass
