@@ -48,7 +48,6 @@ from skinlesion.runfolder.files import (
     CONFIG_FILE,
     METRICS_FILE,
     best_checkpoint,
-    write_json,
     write_resolved_config,
 )
 from skinlesion.runfolder.model_card import write_model_card
@@ -111,9 +110,8 @@ def _resume_overrides(run_dir: Path) -> list[str]:
 
 def _record_failure(run_dir: Path, cfg: DictConfig, err: BaseException) -> None:
     """Write the error where the report looks for it, without replacing a completed run's metrics."""
-    target = run_dir
-    if RunSummary.exists(run_dir) and RunSummary.read(run_dir).completed:
-        target = run_dir / FAILURE_FILE
+    completed = RunSummary.exists(run_dir) and RunSummary.read(run_dir).completed
+    target = run_dir / (FAILURE_FILE if completed else METRICS_FILE)
     problem = cli.user_error(err)  # the ConfigError, not Hydra's InstantiationException around it
     cause, message = (problem, cli.one_line(problem)) if problem else (err, str(err))
     summary = RunSummary(
@@ -126,10 +124,7 @@ def _record_failure(run_dir: Path, cfg: DictConfig, err: BaseException) -> None:
         traceback=traceback.format_exc(limit=20),
     )
     try:
-        if target.suffix == ".json":
-            write_json(target, summary.to_dict())
-        else:
-            summary.write(target)
+        summary.write(target)
     except OSError as write_error:  # an unwritable run folder: the error itself is what the user must see
         log.warning("could not record the failure in %s: %s", target, write_error)
 

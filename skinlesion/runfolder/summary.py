@@ -95,9 +95,10 @@ class RunSummary:
             }
         return {k: v for k, v in asdict(self).items() if k not in skipped}
 
-    def write(self, run_dir: str | Path | None = None) -> Path:
-        """Atomically, as ``<run_dir>/metrics.json`` (the summary's own ``run_dir`` by default)."""
-        path = Path(run_dir or self.run_dir) / METRICS_FILE
+    def write(self, path: str | Path | None = None) -> Path:
+        """Atomically, as ``<run_dir>/metrics.json``, or as ``path`` (a failure after a run had completed goes
+        beside its metrics, in :data:`FAILURE_FILE`)."""
+        path = Path(path) if path else Path(self.run_dir) / METRICS_FILE
         write_json(path, self.to_dict())
         return path
 
