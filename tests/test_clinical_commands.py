@@ -15,7 +15,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from skinlesion.clinical.thresholds import DECISION_COLUMNS, Thresholds
+from skinlesion.clinical.thresholds import DECISION_COLUMNS, CalibrationSet, ClinicalTargets, Thresholds
 from skinlesion.data.layouts import load_records
 from skinlesion.errors import SettingError
 from skinlesion.evaluate import evaluate
@@ -339,3 +339,24 @@ def test_energy_of_the_logits_not_the_probabilities(trained_run: Path) -> None:
     low = thresholds.decisions(probs, logits - 10, ["a", "b", "c", "d"])
     high = thresholds.decisions(probs, logits + 10, ["a", "b", "c", "d"])
     assert (low["ood_score"] > high["ood_score"]).all() and list(low["prediction_set"]) == list(high["prediction_set"])
+
+
+def test_a_validation_split_without_melanoma_still_gives_the_malignant_operating_points(tmp_path: Path) -> None:
+    """One task that cannot be computed is a note; the other task's curves and thresholds are still reported."""
+    generator = torch.Generator().manual_seed(0)
+    val_labels = torch.tensor([0, 1, 2, 3, 5, 6] * 10)  # no mel (4) in validation
+    test_labels = torch.arange(70) % 7
+    val_logits = torch.randn(60, 7, generator=generator) + 3 * torch.nn.functional.one_hot(val_labels, 7)
+    test_logits = torch.randn(70, 7, generator=generator) + 3 * torch.nn.functional.one_hot(test_labels, 7)
+    targets = ClinicalTargets(alpha=0.1, specificity=0.9, coverage=0.9, ood_quantile=0.95, ood_method="energy")
+    val = SplitPredictions.from_logits(val_logits, val_labels, torch.arange(60))
+    val_records = pd.DataFrame({"image_id": [f"v{i}" for i in range(60)], "lesion_id": [f"vl{i}" for i in range(60)]})
+    calibration = CalibrationSet.from_predictions(val, val_records, 1.0, targets)
+    test = SplitPredictions.from_logits(test_logits, test_labels, torch.arange(70))
+    records = pd.DataFrame({"image_id": [f"t{i}" for i in range(70)], "lesion_id": [f"tl{i}" for i in range(70)]})
+    metrics, clinical = evaluate_splits(tmp_path, {"test": test}, records, calibration, figures=False)
+    assert "test/malignant_auroc" in metrics and "test/malignant_sensitivity_at_spec90" in metrics
+    assert "test/melanoma_auroc" not in metrics
+    assert any(
+        note.startswith("melanoma operating points not computed") for note in clinical["splits"]["test"]["notes"]
+    )

@@ -33,6 +33,7 @@ from skinlesion.clinical.conformal import (
 )
 from skinlesion.clinical.ood import ood_flags
 from skinlesion.clinical.operating_points import (
+    BINARY_TASKS,
     TARGET_SPECIFICITIES,
     operating_points,
 )
@@ -112,10 +113,15 @@ def _operating_points(
     figures: bool,
 ) -> None:
     targets = tuple(sorted({*TARGET_SPECIFICITIES, specificity}))
-    try:
-        points = operating_points(calibration.probs, calibration.labels, probs, labels, lesions, specificities=targets)
-    except ValueError as err:  # a split without positives or negatives of a task
-        result.info["notes"].append(f"operating points not computed: {err}")
+    points = {}
+    for task in BINARY_TASKS:  # one task without positives (no melanoma in val, say) leaves the other
+        try:
+            points |= operating_points(
+                calibration.probs, calibration.labels, probs, labels, lesions, tasks=(task,), specificities=targets
+            )
+        except ValueError as err:  # a split without positives or negatives of the task
+            result.info["notes"].append(f"{task} operating points not computed: {err}")
+    if not points:
         return
     write_json(out_dir / f"operating_points_{split}.json", points)
     rows = [{"task": task, **point} for task, found in points.items() for point in found["points"]]
@@ -168,7 +174,7 @@ def write_clinical(
     _audit(out_dir, split, predictions, rows, result, figures)
     _selective(out_dir, split, probs, labels, result, figures)
     if calibration is None or thresholds is None or fitted_here:
-        reason = "no validation predictions stored with the model" if calibration is None else "fitted on this split"
+        reason = "none fitted for this evaluation" if calibration is None else "fitted on this split"
         result.info["notes"].append(f"thresholds: {reason}; operating points and conformal coverage not reported here")
         return result
     result.info["notes"] += list(thresholds.notes)
