@@ -40,9 +40,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--output-dir", type=Path, default=None, help="where to write the report (default: the folder, if only one)"
     )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="pair every configuration with this one (its `config` column, e.g. ablation=baseline) instead of rank 1",
+    )
     args = parser.parse_args(argv)
     try:
-        report = write_report(args.folders, args.rank_by, args.output_dir)
+        report = write_report(args.folders, args.rank_by, args.output_dir, args.reference)
     except SkinLesionError as err:
         cli.fail(str(err))
     print(summary_markdown(report, args.rank_by))

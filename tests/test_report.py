@@ -223,6 +223,37 @@ def test_lesion_bootstrap_intervals_and_the_paired_comparison_with_rank_one(tmp_
     assert "## How sure is the ranking?" in markdown and "P(rank 1 better)" not in markdown
 
 
+def test_an_ablation_pairs_every_option_with_its_named_baseline_not_with_rank_one(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "ablation"
+    baseline = make_run(folder, "0_lite0", "efficientnet_lite0", 0, extra=("ablation=baseline",), skill=0.3)
+    better = make_run(folder, "1_lite0", "efficientnet_lite0", 0, extra=("ablation=better",), skill=0.9)
+    worse = make_run(folder, "2_lite0", "efficientnet_lite0", 0, extra=("ablation=worse",))
+    main([str(folder), "--reference", "ablation=baseline"])
+    summary = pd.read_csv(folder / "summary.csv").set_index("config")
+    assert summary.loc["ablation=better", "rank"] == 1  # ranked as ever, paired with the baseline
+    assert summary.loc["ablation=baseline", list(PAIRED)].isna().all()
+    for config, run in {"ablation=better": better, "ablation=worse": worse}.items():
+        diff, low, high, _ = summary.loc[config, list(PAIRED)]
+        expected = baseline["metrics"]["test/balanced_acc"] - run["metrics"]["test/balanced_acc"]
+        assert diff == pytest.approx(expected) and low < diff < high
+    assert summary.loc["ablation=better", "diff_ci_high"] < 0  # the option is clearly better than the baseline
+    markdown = (folder / "summary.md").read_text()
+    assert "`ablation=baseline` minus this" in markdown and "P(`ablation=baseline` better)" in markdown
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(folder), "--reference", "ablation=default"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "reference='ablation=default'" in error and "'ablation=baseline'" in error
+
+    # At the end of a sweep a mistyped reference costs the pairing, not the report.
+    (folder / "summary.md").unlink()
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(folder)}}})
+    MultirunReport(reference="ablation=default").on_multirun_end(config=config)
+    assert "P(rank 1 better)" in (folder / "summary.md").read_text()
+
+
 def test_intervals_over_a_split_without_lesion_groupings_are_labelled_image_bootstrap(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     make_run(sweep, "0", "resnet50", 0, skill=3.0, lesions_named=False)

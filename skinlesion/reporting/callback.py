@@ -14,6 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from skinlesion import cli
+from skinlesion.errors import ConfigError
 from skinlesion.reporting.rank import DEFAULT_RANK_BY
 from skinlesion.reporting.write import SUMMARY_MD, write_report
 
@@ -28,12 +29,16 @@ class MultirunReport(Callback):
     command with a non-zero exit status after this report is written.
     """
 
-    def __init__(self, rank_by: str = DEFAULT_RANK_BY) -> None:
-        self.rank_by = rank_by
+    def __init__(self, rank_by: str = DEFAULT_RANK_BY, reference: str | None = None) -> None:
+        self.rank_by, self.reference = rank_by, reference
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(config.hydra.sweep.dir)
-        report = write_report(folder, self.rank_by)
+        try:
+            report = write_report(folder, self.rank_by, reference=self.reference)
+        except ConfigError as err:  # a mistyped reference must not cost the sweep its report
+            log.error("%s; pairing with rank 1 instead (python -m skinlesion.report --reference redoes it)", err)
+            report = write_report(folder, self.rank_by)
         for _, row in report.failed.iterrows():
             cli.record_failed_job(row["run_dir"], row["error"])
         log.info("comparison report: %s", folder / SUMMARY_MD)

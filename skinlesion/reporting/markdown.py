@@ -90,8 +90,9 @@ def _resampling_text(done: pd.DataFrame) -> str:
     return text
 
 
-def _certainty_section(done: pd.DataFrame, metric: str, names: list[str]) -> list[str]:
-    """How far each score could move, and whether rank 1 is really ahead: lesion-bootstrap intervals."""
+def _certainty_section(done: pd.DataFrame, metric: str, names: list[str], reference: str | None) -> list[str]:
+    """How far each score could move, and whether rank 1 (or the ablation's ``reference``) is really ahead:
+    lesion-bootstrap intervals."""
     if metric not in BOOTSTRAP_METRICS or done[f"{metric}_ci_low"].isna().all():
         return []
     percent = f"{LEVEL:.0%}"
@@ -101,10 +102,11 @@ def _certainty_section(done: pd.DataFrame, metric: str, names: list[str]) -> lis
     header += ["resampled"] if mixed else []
     text = _resampling_text(done)
     if paired:
-        header += ["rank 1 minus this", f"{percent} CI", "P(rank 1 better)"]
+        first = f"`{reference}`" if reference is not None else "rank 1"
+        header += [f"{first} minus this", f"{percent} CI", f"P({first} better)"]
         text += (
-            f" The difference is rank 1's {metric} minus this row's on the same images, resampled in pairs; when "
-            "its interval includes 0 this split cannot tell the two apart. P counts the resamples rank 1 wins "
+            f" The difference is {first}'s {metric} minus this row's on the same images, resampled in pairs; when "
+            f"its interval includes 0 this split cannot tell the two apart. P counts the resamples {first} wins "
             "(ties half)."
         )
     text += " Rows with several seeds are compared by their standard deviation instead."
@@ -183,7 +185,7 @@ def summary_markdown(report: Report, rank_by: str) -> str:
         columns += ["val_loss", "epochs", "train_time_s", "train_images_per_s", "runs"]
         lines += [_markdown_table(done, columns, HEADERS), ""]
         lines += _fairness_line(done)
-        lines += _certainty_section(done, metric, names)
+        lines += _certainty_section(done, metric, names, report.reference)
         lines += ["## Recall per class", ""]
         recall_headers = {r: r.removeprefix("recall_") for r in RECALLS}
         lines += [_markdown_table(done, [*names, *RECALLS], recall_headers), ""]

@@ -3,7 +3,8 @@
 Several seeds of one configuration are reported as mean ± standard deviation. A configuration of a
 single run keeps its lesion-bootstrap interval, and is compared with rank 1 on the same images by a
 paired bootstrap (:func:`skinlesion.scoring.bootstrap.paired_difference`), which says whether the split
-can tell the two apart at all.
+can tell the two apart at all. An ablation names its baseline configuration instead (``reference``), so
+that every option is paired with the default recipe rather than with whichever run came first.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from skinlesion.scoring.bootstrap import BOOTSTRAP_METRICS, Resamples, paired_di
 
 DEFAULT_RANK_BY = "balanced_acc"
 # What a single run's intervals resampled (lesion, or image where the split names no lesions) and why;
-# rank 1 minus each other configuration, paired.
+# the reference (rank 1, or the configuration named by ``reference``) minus each other configuration, paired.
 INTERVAL_METHOD = ("ci_resampled", "ci_reason")
 PAIRED = ("diff_vs_first", "diff_ci_low", "diff_ci_high", "p_first_better")
 # Averaged over seeds; the first ones also get a ±std column.
@@ -42,6 +43,7 @@ class Report:
     summary: pd.DataFrame  # one row per configuration (seeds pooled), ranked
     folder: Path
     trials: pd.DataFrame | None = None  # an Optuna search's trials (skinlesion.reporting.search), if any
+    reference: str | None = None  # the configuration the others are paired with; None: rank 1
 
     @property
     def failed(self) -> pd.DataFrame:
@@ -122,15 +124,21 @@ def completed_runs(runs: pd.DataFrame, row: pd.Series) -> pd.DataFrame:
     return runs[same & (runs["status"] == "completed")]
 
 
-def compare_with_first(summary: pd.DataFrame, runs: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Rank 1 minus each other configuration on the same images, with a paired lesion-bootstrap interval.
+def compare_with_first(
+    summary: pd.DataFrame, runs: pd.DataFrame, metric: str, reference: str | None = None
+) -> pd.DataFrame:
+    """The reference minus each other configuration on the same images, with a paired lesion-bootstrap
+    interval. The reference is rank 1, or the configuration whose ``config`` is ``reference`` (an ablation's
+    baseline, e.g. ``ablation=baseline``).
 
     Only configurations of one run each are paired (several seeds are compared by their spread), and only
     on the same split's same images; the others keep empty columns.
     """
     summary = summary.assign(**{name: math.nan for name in PAIRED})
     single = summary[summary["rank"].notna() & (summary["runs"] == 1)]
-    if metric not in BOOTSTRAP_METRICS or len(single) < 2 or single["rank"].iloc[0] != 1:
+    if reference is not None:
+        single = _reference_first(summary, single, reference)
+    if metric not in BOOTSTRAP_METRICS or len(single) < 2 or (reference is None and single["rank"].iloc[0] != 1):
         return summary
     first = single.iloc[0]
     reference = run_predictions(completed_runs(runs, first)["run_dir"].iloc[0], first["split"])
@@ -155,3 +163,17 @@ def compare_with_first(summary: pd.DataFrame, runs: pd.DataFrame, metric: str) -
         )
         summary.loc[position, list(PAIRED)] = [difference[k] for k in ("difference", "low", "high", "p_a_better")]
     return summary
+
+
+def _reference_first(summary: pd.DataFrame, single: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """``single`` with the reference configuration's row first; refused when the sweep has no such row."""
+    configs = summary["config"].fillna("").astype(str)
+    if reference not in set(configs):
+        raise ConfigError(
+            f"reference='{reference}': no configuration of this folder is called that; its configurations are "
+            f"{', '.join(repr(c) for c in configs.unique())} (the overrides that differ between its runs)"
+        )
+    if reference not in set(single["config"].fillna("").astype(str)):
+        return single.iloc[:0]  # the reference failed or has several seeds: nothing is paired with it
+    is_reference = single["config"].fillna("").astype(str) == reference
+    return pd.concat([single[is_reference], single[~is_reference]])
