@@ -254,6 +254,29 @@ def test_an_ablation_pairs_every_option_with_its_named_baseline_not_with_rank_on
     assert "P(rank 1 better)" in (folder / "summary.md").read_text()
 
 
+def test_the_paired_benchmark_reports_each_option_minus_the_reference_on_the_same_images(
+    tmp_path: Path, capsys
+) -> None:
+    from skinlesion.bench.__main__ import main as bench
+
+    weak = make_run(tmp_path, "weak", "efficientnet_lite0", 0, skill=0.2)
+    strong = make_run(tmp_path, "strong", "efficientnet_lite0", 0, skill=0.9)
+    out = tmp_path / "paired.json"
+    bench(["paired", str(tmp_path / "weak"), str(tmp_path / "strong" / "predictions_test.csv"), "--json", str(out)])
+    (row,) = json.loads(out.read_text())["paired"]["rows"]
+    expected = strong["metrics"]["test/balanced_acc"] - weak["metrics"]["test/balanced_acc"]
+    assert row["difference"] == pytest.approx(expected) and 0 < row["low"] < expected < row["high"]
+    assert row["p_a_better"] > 0.99
+    assert f"predictions_test.csv | {expected:+.4f} |" in capsys.readouterr().out  # the markdown row
+    other = make_run(tmp_path / "elsewhere", "other", "efficientnet_lite0", 0)
+    frame = pd.read_csv(tmp_path / "elsewhere" / "other" / "predictions_test.csv")
+    frame.assign(image_id=frame["image_id"] + "_x").to_csv(tmp_path / "elsewhere" / "other" / "predictions_test.csv")
+    assert other["status"] == COMPLETED
+    with pytest.raises(SystemExit) as exit_info:
+        bench(["paired", str(tmp_path / "weak"), str(tmp_path / "elsewhere" / "other")])
+    assert exit_info.value.code == 2 and "not the reference's images" in capsys.readouterr().err
+
+
 def test_intervals_over_a_split_without_lesion_groupings_are_labelled_image_bootstrap(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     make_run(sweep, "0", "resnet50", 0, skill=3.0, lesions_named=False)

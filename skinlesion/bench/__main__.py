@@ -1,4 +1,5 @@
-"""python -m skinlesion.bench {data,train,overhead,stages,all} [options]: speed is measured, not asserted."""
+"""python -m skinlesion.bench {data,train,overhead,stages,all,paired} [options]: speed is measured, not
+asserted; ``paired`` measures an option's effect on a metric against a reference run."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import sys
 
 import torch
 
+from skinlesion import cli
+from skinlesion.errors import SkinLesionError
+
 SUITES = {
     "data": "skinlesion.bench.data",  # DataLoader images/s: decoded-image cache vs decode-per-epoch
     "train": "skinlesion.bench.training",  # train-step images/s per backbone, AMP / channels_last
     "overhead": "skinlesion.bench.overhead",  # Lightning Trainer vs a plain PyTorch loop
     "stages": "skinlesion.bench.stages",  # train-step images/s per stage; what a frozen backbone could save
 }
+MEASURES = {"paired": "skinlesion.bench.paired"}  # not in "all": it compares runs the user names
 
 
 def machine() -> dict:
@@ -27,14 +32,17 @@ def machine() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m skinlesion.bench", description=__doc__)
-    parser.add_argument("suite", choices=[*SUITES, "all"])
+    parser.add_argument("suite", choices=[*SUITES, "all", *MEASURES])
     parser.add_argument("--json", help="also write the results to this JSON file")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     names = list(SUITES) if args.suite == "all" else [args.suite]
     results = {"machine": machine()}
     print(json.dumps(results["machine"]))
     for name in names:
-        results[name] = importlib.import_module(SUITES[name]).main(rest)
+        try:
+            results[name] = importlib.import_module({**SUITES, **MEASURES}[name]).main(rest)
+        except SkinLesionError as err:
+            cli.fail(str(err))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
