@@ -83,10 +83,20 @@ def test_temperature_scaling_lowers_or_keeps_validation_nll(scale: float, expect
 
 
 def test_temperature_never_makes_nll_worse_on_degenerate_outputs() -> None:
-    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0]])  # already perfect: a larger T only adds loss
+    logits = torch.tensor([[0.0, 5.0], [0.0, 5.0]])  # one wrong, one right: sharpening only adds loss
     labels = torch.tensor([0, 1])
     temperature = fit_temperature(logits, labels)
     assert F.cross_entropy(logits / temperature, labels) <= F.cross_entropy(logits, labels)
+
+
+def test_a_validation_split_the_model_gets_all_right_keeps_temperature_one(caplog) -> None:
+    """NLL falls without limit as T -> 0 there; a temperature near 0 would make the next split's probabilities
+    0 or 1."""
+    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0], [2.0, 0.0]])
+    labels = torch.tensor([0, 1, 0])
+    with caplog.at_level("WARNING"):
+        assert fit_temperature(logits, labels) == 1.0
+    assert "cannot calibrate it; keeping T=1" in caplog.text
 
 
 def test_write_calibration_draws_the_diagram_and_reports_both_sides(tmp_path: Path) -> None:
