@@ -168,6 +168,8 @@ def compare_with_first(
 def _reference_first(summary: pd.DataFrame, single: pd.DataFrame, reference: str) -> pd.DataFrame:
     """``single`` with the reference configuration's row first; refused when the sweep has no such row."""
     configs = summary["config"].fillna("").astype(str)
+    if configs.nunique() < 2:  # one configuration (a sweep of seeds, or of the baseline alone): nothing to pair
+        return single.iloc[:0]
     if reference not in set(configs):
         raise ConfigError(
             f"reference='{reference}': no configuration of this folder is called that; its configurations are "
