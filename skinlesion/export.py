@@ -94,6 +94,8 @@ def export_onnx(model: SkinLesionClassifier, path: Path, exporter: str = "dynamo
         options |= {"dynamo": False, "dynamic_axes": {name: {0: "batch"} for name in [*inputs, OUTPUT_NAME]}}
     with torch.no_grad(), warnings.catch_warnings(), _quiet_below_debug(*EXPORTER_LOGGERS):
         warnings.simplefilter("ignore", DeprecationWarning)  # the torchscript exporter's notice
+        # image and metadata share the one batch dimension on purpose; the dynamo exporter says so
+        warnings.filterwarnings("ignore", message="The axis name: batch will not be used")
         torch.onnx.export(network.eval(), examples, str(path), **options)
 
 
