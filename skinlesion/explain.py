@@ -46,8 +46,10 @@ def explain_images(
     method: str = "gradcam",
     calibrated: bool = True,
     batch_size: int = 16,
+    metadata: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """One figure per readable image in ``out_dir/images``; a row per path (unreadable: ``error``)."""
+    """One figure per readable image in ``out_dir/images``; a row per path (unreadable: ``error``). ``metadata``:
+    a metadata model's table of the images (:meth:`InferenceModel.metadata_table`; unlisted: all missing)."""
     known = loaded.labels_by_image_id()
     classes, pre = loaded.classes, loaded.model.preprocessing
     rows = []
@@ -61,8 +63,9 @@ def explain_images(
         readable = [path for path in chunk if path in originals]
         if readable:
             inputs = torch.stack([loaded.load_input(path) for path in readable])
-            probs = loaded.predict_proba(inputs, calibrated=calibrated).numpy()
-            cams = compute_cams(loaded.model, inputs, method, targets=probs.argmax(1).tolist())
+            encoded = loaded.metadata_for(readable, metadata)
+            probs = loaded.predict_proba(inputs, calibrated=calibrated, metadata=encoded).numpy()
+            cams = compute_cams(loaded.model, inputs, method, targets=probs.argmax(1).tolist(), metadata=encoded)
             for path, p, cam in zip(readable, probs, cams, strict=True):
                 item = Explanation.build(
                     path.name, originals[path], cam, p, pre, loaded.center_crop, known.get(path.stem)
@@ -90,7 +93,7 @@ def explain_split(
     if not loaded.data:
         raise CheckpointError(f"{loaded.path}: has no saved data settings; give images=FILE_OR_DIR instead")
     settings = loaded.data | ({"root": data_root} if data_root else {})
-    datamodule = datamodule_for(settings, loaded.model.preprocessing, split)
+    datamodule = datamodule_for(settings, loaded.model.preprocessing, split, metadata=loaded.model.metadata_spec)
     result = predict_split(loaded.model, datamodule, split, loaded.model.device, views=1, calibrated=calibrated)
     return write_split_gallery(
         loaded.model,
@@ -108,9 +111,10 @@ def explain(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     method = check_method(cfg.method)
     loaded = InferenceModel.load(required_path(cfg.ckpt_path, "ckpt_path", USAGE), cfg.device)
+    metadata = loaded.metadata_table(cfg.metadata_csv)
     if cfg.images:
         paths = list_images(cfg.images)[: cfg.n or None]
-        table = explain_images(loaded, paths, run_dir, method, bool(cfg.calibrated), int(cfg.batch_size))
+        table = explain_images(loaded, paths, run_dir, method, bool(cfg.calibrated), int(cfg.batch_size), metadata)
     else:
         table = explain_split(
             loaded, cfg.split, run_dir, int(cfg.per_class), method, bool(cfg.calibrated), cfg.data_root

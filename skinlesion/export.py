@@ -6,8 +6,10 @@
 The ONNX graph is the backbone alone. Input ``image``: float32 NCHW ``[batch, 3, S, S]`` (dynamic batch,
 ``S`` = the checkpoint's image size), RGB already resized (and centre-cropped if the model was trained
 so) and normalised as ``(pixel / 255 - mean) / std``. Output ``logits``: ``[batch, classes]``; calibrated
-probabilities are ``softmax(logits / temperature)``. The JSON beside the model (same name, ``.json``)
-records all of it: size, mean, std, interpolation, crop, class names and temperature.
+probabilities are ``softmax(logits / temperature)``. A model trained with metadata (``metadata=fusion``)
+has a second input ``metadata``: float32 ``[batch, width]``, encoded as the JSON's ``metadata`` entry says
+(a row of the all-missing vector where nothing is known). The JSON beside the model (same name, ``.json``)
+records all of it: size, mean, std, interpolation, crop, class names, temperature and the metadata encoding.
 
 Before the model is published it is compared with the PyTorch model on random images of several batch
 sizes, through onnxruntime when it is installed (else onnx's reference evaluator); a maximum absolute
@@ -36,6 +38,7 @@ from omegaconf import DictConfig
 from skinlesion import cli
 from skinlesion.errors import ConfigError, SkinLesionError
 from skinlesion.inference.model import InferenceModel, required_path
+from skinlesion.models.fusion import ImageAndMetadata
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.runfolder.files import check_writable, write_json
 from skinlesion.settings import ExportSettings, check_settings
@@ -44,7 +47,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("onnx",)
 EXPORTERS = ("dynamo", "torchscript")
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
+INPUT_NAME, METADATA_NAME, OUTPUT_NAME = "image", "metadata", "logits"
 USAGE = "python -m skinlesion.export ckpt_path=<run>/checkpoints/best.ckpt [out=model.onnx]"
 
 
@@ -72,32 +75,41 @@ def _quiet_below_debug(*names: str) -> Iterator[None]:
 
 
 def export_onnx(model: SkinLesionClassifier, path: Path, exporter: str = "dynamo", opset: int = 18) -> None:
-    """Write the backbone as ONNX with a dynamic batch dimension (input and output)."""
+    """Write the backbone (with a metadata model's second input) as ONNX with a dynamic batch dimension."""
     size = model.preprocessing.image_size
-    example = torch.zeros(2, 3, size, size)  # batch 2: a batch of 1 would be specialised away
-    options: dict = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
+    model = model.eval().cpu()
+    network: torch.nn.Module = model.backbone
+    examples: tuple = (torch.zeros(2, 3, size, size),)  # batch 2: a batch of 1 would be specialised away
+    inputs = [INPUT_NAME]
+    if model.metadata_spec is not None:
+        network = ImageAndMetadata(model.backbone)
+        examples += (model.missing_metadata(2).clone(),)
+        inputs.append(METADATA_NAME)
+    options: dict = {"input_names": inputs, "output_names": [OUTPUT_NAME], "opset_version": opset}
     if exporter == "dynamo":
         batch = torch.export.Dim("batch")
-        options |= {"dynamo": True, "dynamic_shapes": ({0: batch},), "external_data": False, "verbose": False}
+        dynamic = tuple({0: batch} for _ in examples)
+        options |= {"dynamo": True, "dynamic_shapes": dynamic, "external_data": False, "verbose": False}
     else:
-        options |= {"dynamo": False, "dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}}
-    backbone = model.backbone.eval().cpu()
+        options |= {"dynamo": False, "dynamic_axes": {name: {0: "batch"} for name in [*inputs, OUTPUT_NAME]}}
     with torch.no_grad(), warnings.catch_warnings(), _quiet_below_debug(*EXPORTER_LOGGERS):
         warnings.simplefilter("ignore", DeprecationWarning)  # the torchscript exporter's notice
-        torch.onnx.export(backbone, (example,), str(path), **options)
+        # image and metadata share the one batch dimension on purpose; the dynamo exporter says so
+        warnings.filterwarnings("ignore", message="The axis name: batch will not be used")
+        torch.onnx.export(network.eval(), examples, str(path), **options)
 
 
-def onnx_runner(path: Path) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
-    """(runtime name, function: normalised images -> logits) for the ONNX file."""
+def onnx_runner(path: Path) -> tuple[str, Callable[[dict[str, np.ndarray]], np.ndarray]]:
+    """(runtime name, function: inputs by name (normalised images, metadata) -> logits) for the ONNX file."""
     try:
         import onnxruntime
     except ImportError:
         from onnx.reference import ReferenceEvaluator
 
         evaluator = ReferenceEvaluator(str(path))
-        return f"onnx.reference {onnx.__version__}", lambda x: evaluator.run(None, {INPUT_NAME: x})[0]
+        return f"onnx.reference {onnx.__version__}", lambda feeds: evaluator.run(None, feeds)[0]
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return f"onnxruntime {onnxruntime.__version__}", lambda x: session.run(None, {INPUT_NAME: x})[0]
+    return f"onnxruntime {onnxruntime.__version__}", lambda feeds: session.run(None, feeds)[0]
 
 
 @torch.no_grad()
@@ -105,7 +117,8 @@ def check_parity(
     model: SkinLesionClassifier, path: Path, batch_sizes: Sequence[int] = (1, 3), atol: float = 1e-4, seed: int = 0
 ) -> dict:
     """Maximum absolute logit difference between the ONNX file and ``model`` on random uint8 images,
-    normalised as the model normalises them; raises ParityError above ``atol``."""
+    normalised as the model normalises them (and random metadata vectors for a metadata model); raises
+    ParityError above ``atol``."""
     onnx.checker.check_model(str(path))
     runtime, run = onnx_runner(path)
     generator = torch.Generator().manual_seed(seed)
@@ -115,8 +128,11 @@ def check_parity(
     for batch in batch_sizes:
         images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
         inputs = model.normalize(images)
-        expected = model(inputs).float().numpy()
-        diffs.append(float(np.abs(run(inputs.numpy()) - expected).max()))
+        feeds = {INPUT_NAME: inputs}
+        if model.metadata_spec is not None:
+            feeds[METADATA_NAME] = torch.rand(batch, model.metadata_spec.width, generator=generator)
+        expected = model(*feeds.values()).float().numpy()
+        diffs.append(float(np.abs(run({k: v.numpy() for k, v in feeds.items()}) - expected).max()))
     result = {"runtime": runtime, "batch_sizes": list(batch_sizes), "max_abs_diff": max(diffs), "atol": atol}
     if not result["max_abs_diff"] < atol:
         raise ParityError(
@@ -124,6 +140,22 @@ def check_parity(
             f"{runtime}); the model was not published — try exporter=torchscript or another opset"
         )
     return result
+
+
+def _metadata_input(model: SkinLesionClassifier) -> dict | None:
+    """The second input of a metadata model: its shape and encoding (skinlesion.data.metadata), else None."""
+    spec = model.metadata_spec
+    if spec is None:
+        return None
+    return {
+        "name": METADATA_NAME,
+        "shape": ["batch", spec.width],
+        "dtype": "float32",
+        "encoding": spec.to_dict(),
+        "layout": "per field in 'fields' order: age -> [age / age_scale, 1 if missing] (missing: [0, 1]); sex -> "
+        "one-hot over 'sexes'; site (localization) -> one-hot over 'sites'; a missing or unseen value -> 'unknown'",
+        "all_missing": [float(v) for v in spec.missing_row()],
+    }
 
 
 def describe(loaded: InferenceModel, onnx_file: Path, exporter: str, opset: int, parity: dict) -> dict:
@@ -139,6 +171,7 @@ def describe(loaded: InferenceModel, onnx_file: Path, exporter: str, opset: int,
         "backbone": model.spec.name,
         "timm_name": model.spec.timm_name,
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW RGB"},
+        "metadata": _metadata_input(model),
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(model.class_names)], "dtype": "float32"},
         "preprocessing": pre.to_dict() | {"center_crop": loaded.center_crop, "resize_size": pre.resize_size},
         "source_size": loaded.source_size,

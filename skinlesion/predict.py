@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from skinlesion import cli
 from skinlesion.clinical.thresholds import DECISION_COLUMNS, Thresholds
 from skinlesion.data.images import ImageReadError
+from skinlesion.data.metadata import table_key
 from skinlesion.errors import ConfigError
 from skinlesion.inference.model import InferenceModel, list_images, required_path
 from skinlesion.inference.predictions import PROB_PREFIX, probabilities
@@ -65,12 +66,12 @@ def _rows(model: InferenceModel, paths: list[Path], probs: torch.Tensor, decisio
 
 
 def _probabilities(
-    model: InferenceModel, images: torch.Tensor, tta_views: int, calibrated: bool
+    model: InferenceModel, images: torch.Tensor, tta_views: int, calibrated: bool, metadata: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities and the identity view's raw logits (the OOD score's), in one pass without TTA."""
-    logits = model.logits(images)
+    logits = model.logits(images, metadata)
     if tta_views > 1:
-        return model.predict_proba(images, tta_views, calibrated), logits
+        return model.predict_proba(images, tta_views, calibrated, metadata), logits
     return probabilities(logits, model.model.temperature.cpu() if calibrated else 1.0), logits
 
 
@@ -81,11 +82,13 @@ def predict_files(
     calibrated: bool = True,
     batch_size: int = 32,
     thresholds: Thresholds | None = None,
+    metadata: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per path, in order; an unreadable file gets its reason in ``error`` and no probabilities.
     ``thresholds``: the clinical decisions' (None: those columns empty), always applied to the single-view,
     temperature-scaled probabilities they were fitted on, whatever ``tta_views`` and ``calibrated`` say of the
-    ``prob_*`` columns."""
+    ``prob_*`` columns. ``metadata``: a metadata model's table of the files (:meth:`InferenceModel.metadata_table`;
+    a file not in it, or no table: every field missing)."""
     rows = []
     for start in range(0, len(paths), batch_size):
         readable, inputs, errors = [], [], {}
@@ -98,7 +101,8 @@ def predict_files(
                 log.warning("%s: %s", path, err)
         predicted = {}
         if inputs:
-            probs, logits = _probabilities(model, torch.stack(inputs), tta_views, calibrated)
+            encoded = model.metadata_for(readable, metadata)
+            probs, logits = _probabilities(model, torch.stack(inputs), tta_views, calibrated, encoded)
             decided = None
             if thresholds is not None:  # on the scale they were fitted on: one view, temperature-scaled
                 fitted_scale = probabilities(logits, model.model.temperature.cpu()).numpy()
@@ -125,6 +129,16 @@ def _thresholds(model: InferenceModel, cfg: DictConfig) -> Thresholds | None:
     return Thresholds.fit(model.clinical, model.clinical.settings.overridden(cfg.clinical))
 
 
+def _metadata_summary(
+    model: InferenceModel, table: pd.DataFrame | None, paths: list[Path], source: str | None
+) -> dict | None:
+    """For a metadata model: the CSV given and how many files it listed (the others had every field missing)."""
+    if model.model.metadata_spec is None:
+        return None
+    listed = sum(table_key(table, path) is not None for path in paths)
+    return {"file": str(source) if source else None, "images_listed": int(listed), "images": len(paths)}
+
+
 def predict(cfg: DictConfig) -> pd.DataFrame:
     """Predict every image of ``cfg.input`` and write the CSV; returns its rows."""
     check_settings(cfg, PredictSettings)
@@ -135,9 +149,10 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     target = output_path(cfg.out, run_dir)
     paths = list_images(source)
     model = InferenceModel.load(ckpt_path, cfg.device)
+    metadata = model.metadata_table(cfg.metadata_csv)
     thresholds = _thresholds(model, cfg)
 
-    frame = predict_files(model, paths, views, bool(cfg.calibrated), int(cfg.batch_size), thresholds)
+    frame = predict_files(model, paths, views, bool(cfg.calibrated), int(cfg.batch_size), thresholds, metadata)
     atomic_write(target, lambda tmp: frame.to_csv(tmp, index=False))
     failed = int((frame["error"] != "").sum())
     write_json(
@@ -151,6 +166,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
             "calibrated": bool(cfg.calibrated),
             "temperature": float(model.model.temperature),  # applied only when calibrated
             "tta_views": views,
+            "metadata": _metadata_summary(model, metadata, paths, cfg.metadata_csv),
             "class_counts": frame["pred"].value_counts().to_dict(),
             "clinical": thresholds.to_dict() if thresholds is not None else None,
             # what the decision columns were computed from, whatever tta/calibrated did to the prob_* columns

@@ -189,6 +189,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
         cfg.data,
         image_size=module.preprocessing.image_size,
         preprocessing=module.preprocessing,
+        metadata=module.hparams.metadata,  # the model's encoding: batches then carry "metadata"
         output_dir=str(run_dir),
         generate_synthetic=resume_changes is None,  # a resumed run needs the very set it was started on
     )

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from skinlesion.clinical.auroc import image_weights, macro_auroc
-from skinlesion.data.layouts import METADATA_COLUMNS
+from skinlesion.data.layouts import HAM_LOCALIZATIONS, HAM_SEXES, METADATA_COLUMNS
 from skinlesion.labels import CLASSES
 from skinlesion.scoring.bootstrap import (
     LEVEL,
@@ -63,26 +63,10 @@ MISSING = "missing"
 OTHER = "other"
 UNKNOWN_SITE = "unknown"
 EXPECTED_VALUES = {
-    "sex": {"male", "female", "unknown"},
+    "sex": set(HAM_SEXES),
     "dataset": {"vidir_molemax", "vidir_modern", "rosendahl", "vienna_dias"},
     "dx_type": {"histo", "follow_up", "consensus", "confocal"},
-    "localization": {
-        "abdomen",
-        "acral",
-        "back",
-        "chest",
-        "ear",
-        "face",
-        "foot",
-        "genital",
-        "hand",
-        "lower extremity",
-        "neck",
-        "scalp",
-        "trunk",
-        "upper extremity",
-        "unknown",
-    },
+    "localization": set(HAM_LOCALIZATIONS),
 }
 TABLE_COLUMNS = [
     "column",

@@ -29,6 +29,7 @@ from skinlesion.data.bad_images import apply_bad_image_policy, check_policy, fin
 from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.images import DEFAULT_MAX_PIXELS
 from skinlesion.data.layouts import load_records
+from skinlesion.data.metadata import MetadataSpec
 from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.data.specs import AugmentSpec, CacheSpec, SplitSpec, TestSetSpec
 from skinlesion.data.splits import assign_splits, check_disjoint, check_same_split, split_from_file
@@ -91,16 +92,19 @@ class SkinLesionDataModule(L.LightningDataModule):
         test_set_only: bool = False,
         generate_synthetic: bool = True,
         split_file: str | None = None,
+        metadata: MetadataSpec | Mapping | None = None,
     ) -> None:
         """``test_set_only``: read just ``test_set`` as the test split (evaluation of a trained model on an
         external set, which must not need the training data on disk). ``generate_synthetic``: a first training
         run may generate the synthetic set; every other use (evaluate, explain, a resume) must find it.
         ``split_file``: take the split from a run's ``split.csv`` (the listed images that still exist).
+        ``metadata``: the model's metadata encoding (like ``preprocessing``, the model's, not saved here); given,
+        every item carries its encoded metadata (all missing where the layout has none).
         ``split``, ``test_set``, ``augment`` and ``cache`` are read by their specs (:mod:`skinlesion.data.specs`)."""
         super().__init__()
         # Everything but the run-specific arguments goes into checkpoints, so `evaluate` can rebuild the split.
         self.save_hyperparameters(
-            ignore=["preprocessing", "output_dir", "test_set_only", "generate_synthetic", "split_file"],
+            ignore=["preprocessing", "output_dir", "test_set_only", "generate_synthetic", "split_file", "metadata"],
             logger=False,  # the loggers get the whole run config instead (skinlesion.tracking)
         )
         self.generate_synthetic = generate_synthetic
@@ -119,6 +123,7 @@ class SkinLesionDataModule(L.LightningDataModule):
                 "set one image size for both (the model takes data.image_size)"
             )
         self.preprocessing = preprocessing
+        self.metadata = MetadataSpec.from_config(to_plain(metadata)) if metadata is not None else None
         self.output_dir = Path(output_dir) if output_dir else None
         self._check_settings()
         self.records: pd.DataFrame | None = None  # every usable record, with "split" and "source" columns
@@ -282,6 +287,7 @@ class SkinLesionDataModule(L.LightningDataModule):
             size=self.image_cache_size,
             interpolation=self._require_preprocessing().cv2_interpolation,
             max_pixels=self.hparams.max_image_pixels,
+            metadata=self.metadata.encode(frame) if self.metadata is not None else None,
         )
 
     @rank_zero_only

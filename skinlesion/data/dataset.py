@@ -20,7 +20,8 @@ def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class LesionDataset(Dataset):
-    """Items are ``{"image": uint8 CxHxW, "label": int, "index": int}``; ``index`` is the record's row.
+    """Items are ``{"image": uint8 CxHxW, "label": int, "index": int}``; ``index`` is the record's row; with
+    ``metadata`` (the records' encoded metadata, one row each) also ``"metadata": float32 vector``.
 
     Augmentation is reseeded from torch's per-worker seed on first use in each process: an Albumentations
     pipeline is seeded once when built, so forked workers would otherwise all draw the same random
@@ -39,6 +40,7 @@ class LesionDataset(Dataset):
         size: int | None = None,
         interpolation: int = cv2.INTER_CUBIC,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        metadata: np.ndarray | None = None,
     ) -> None:
         if cache is not None and cache_rows is None:
             raise ValueError("cache_rows are needed with a cache")
@@ -51,6 +53,7 @@ class LesionDataset(Dataset):
         self.cache = cache
         self.cache_rows = None if cache_rows is None else np.asarray(cache_rows, dtype=np.int64)
         self.size, self.interpolation, self.max_pixels = size, interpolation, max_pixels
+        self.metadata = metadata
         self._seed: int | None = None
 
     def __len__(self) -> int:
@@ -79,4 +82,7 @@ class LesionDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         self._seed_transform()
         image = self.transform(image=self.load(i))["image"]
-        return {"image": to_chw_tensor(image), "label": int(self.labels[i]), "index": int(self.indices[i])}
+        item = {"image": to_chw_tensor(image), "label": int(self.labels[i]), "index": int(self.indices[i])}
+        if self.metadata is not None:
+            item["metadata"] = torch.from_numpy(self.metadata[i])
+        return item

@@ -38,6 +38,26 @@ RECORD_COLUMNS = ["image_id", "lesion_id", "lesion_known", "dx", "label", "path"
 # Carried as text when the metadata has them: who the patient is, where the lesion is, which clinic and
 # device took the photo, and how the diagnosis was confirmed (what the subgroup audit splits by).
 METADATA_COLUMNS = ("sex", "age", "localization", "dataset", "dx_type")
+# HAM10000's vocabulary of two of them (HAM10000_metadata.csv), "unknown" included: what the subgroup audit
+# expects and what the metadata fusion model one-hot encodes (skinlesion.data.metadata).
+HAM_SEXES = ("male", "female", "unknown")
+HAM_LOCALIZATIONS = (
+    "abdomen",
+    "acral",
+    "back",
+    "chest",
+    "ear",
+    "face",
+    "foot",
+    "genital",
+    "hand",
+    "lower extremity",
+    "neck",
+    "scalp",
+    "trunk",
+    "upper extremity",
+    "unknown",
+)
 _warned_no_groupings: set[Path] = set()  # each missing groupings file is reported once per process
 
 

@@ -1,8 +1,9 @@
 """A synthetic HAM10000 look-alike that a new user can train on without downloading anything.
 
 It writes the exact on-disk layout of the Kaggle download (``HAM10000_metadata.csv`` with the real
-columns, ``sex, age, localization, dataset, dx_type`` drawn per lesion with plausible shares, so the
-subgroup audit has something to split by, ``ISIC_XXXXXXX.jpg`` split over ``HAM10000_images_part_1/`` and ``_part_2/``, 600x450 RGB JPEGs),
+columns, ``sex, age, localization, dataset, dx_type`` drawn per lesion with plausible shares that depend on
+the diagnosis as in HAM10000 (:data:`CLASS_PATIENTS`), so the subgroup audit has something to split by and
+the metadata fusion model something to learn, ``ISIC_XXXXXXX.jpg`` split over ``HAM10000_images_part_1/`` and ``_part_2/``, 600x450 RGB JPEGs),
 with HAM10000's class proportions, several photos of some lesions, and class-dependent lesion colour,
 shape, border, texture and size on a skin-like background, so that a model can genuinely learn it.
 Beside the metadata it writes ``lesion_geometry.csv`` (centre and radii of each lesion in pixels), which
@@ -26,7 +27,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from skinlesion import cli
-from skinlesion.data.layouts import HAM_METADATA
+from skinlesion.data.layouts import HAM_LOCALIZATIONS, HAM_METADATA
 from skinlesion.labels import CLASSES
 
 log = logging.getLogger(__name__)
@@ -48,23 +49,18 @@ HAM_IMAGES_PER_LESION = {
 }
 # HAM10000's source clinics and devices, with their shares of its images.
 DATASETS = {"vidir_molemax": 0.395, "vidir_modern": 0.336, "rosendahl": 0.225, "vienna_dias": 0.044}
-LOCALIZATIONS = (
-    "back",
-    "lower extremity",
-    "trunk",
-    "upper extremity",
-    "abdomen",
-    "face",
-    "chest",
-    "foot",
-    "neck",
-    "scalp",
-    "hand",
-    "ear",
-    "genital",
-    "acral",
-    "unknown",
-)
+# Per class, as in HAM10000 (roughly): mean age, share of men, and the sites it is most often found on
+# (weight 1 each besides a small weight for every site), so that the metadata model has something to learn.
+CLASS_PATIENTS = {
+    "akiec": (67, 0.68, ("face", "upper extremity", "scalp", "hand")),
+    "bcc": (66, 0.60, ("back", "face", "trunk", "chest")),
+    "bkl": (63, 0.55, ("face", "back", "trunk", "upper extremity")),
+    "df": (52, 0.48, ("lower extremity",)),
+    "mel": (60, 0.61, ("back", "upper extremity", "lower extremity", "trunk")),
+    "nv": (44, 0.51, ("back", "lower extremity", "trunk", "abdomen")),
+    "vasc": (50, 0.45, ("trunk", "lower extremity", "face")),
+}
+OTHER_SITE_WEIGHT = 0.04
 
 
 @dataclass(frozen=True)
@@ -257,15 +253,17 @@ def _metadata_row(lesion: Lesion, image_id: str) -> dict:
         if lesion.dx in ("mel", "bcc", "akiec", "df")
         else rng.choice(["histo", "follow_up", "consensus", "confocal"], p=[0.45, 0.35, 0.17, 0.03])
     )
-    age = "" if rng.random() < 0.006 else float(5 * int(np.clip(rng.normal(52, 17) // 5, 0, 17)))
+    mean_age, men, sites = CLASS_PATIENTS[lesion.dx]
+    age = "" if rng.random() < 0.006 else float(5 * int(np.clip(rng.normal(mean_age, 14) // 5, 0, 17)))
+    site_weights = np.array([1.0 if site in sites else OTHER_SITE_WEIGHT for site in HAM_LOCALIZATIONS])
     return {
         "lesion_id": lesion.lesion_id,
         "image_id": image_id,
         "dx": lesion.dx,
         "dx_type": dx_type,
         "age": age,
-        "sex": rng.choice(["male", "female", "unknown"], p=[0.54, 0.455, 0.005]),
-        "localization": rng.choice(LOCALIZATIONS),
+        "sex": rng.choice(["male", "female", "unknown"], p=[0.995 * men, 0.995 * (1 - men), 0.005]),
+        "localization": rng.choice(HAM_LOCALIZATIONS, p=site_weights / site_weights.sum()),
         # drawn last, so the columns above are those of sets made before it was added
         "dataset": rng.choice(list(DATASETS), p=np.array(list(DATASETS.values())) / sum(DATASETS.values())),
     }

@@ -76,8 +76,10 @@ def write_split_gallery(
         return pd.DataFrame()
     position = {int(index): i for i, index in enumerate(dataset.indices)}
     shown = records.iloc[chosen]
-    inputs = torch.stack([dataset[position[int(index)]]["image"] for index in shown.index])
-    cams = compute_cams(model, inputs, method, targets=probs_np[chosen].argmax(1).tolist())
+    loaded = [dataset[position[int(index)]] for index in shown.index]
+    inputs = torch.stack([item["image"] for item in loaded])
+    metadata = torch.stack([item["metadata"] for item in loaded]) if "metadata" in loaded[0] else None
+    cams = compute_cams(model, inputs, method, targets=probs_np[chosen].argmax(1).tolist(), metadata=metadata)
     classes, pre = model.class_names, model.preprocessing
     items = {
         row: Explanation.build(

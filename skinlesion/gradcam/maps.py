@@ -49,24 +49,41 @@ def _gradients_to_input_only(model: torch.nn.Module) -> Iterator[None]:
             param.requires_grad_(flag)
 
 
+class _WithMetadata(torch.nn.Module):
+    """The classifier as pytorch-grad-cam calls it, ``model(images)``, with the current batch's metadata."""
+
+    def __init__(self, model: SkinLesionClassifier) -> None:
+        super().__init__()
+        self.model = model
+        self.metadata: torch.Tensor | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images, self.metadata)
+
+
 def compute_cams(
     model: SkinLesionClassifier,
     images: torch.Tensor,
     method: str = "gradcam",
     targets: Sequence[int] | None = None,
     batch_size: int = 16,
+    metadata: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Heatmaps (N, H, W) in [0, 1] at the input size of uint8 NCHW ``images``, for ``targets`` (default:
-    each image's predicted class). The hooks are removed before returning, also on error."""
+    each image's predicted class); ``metadata``: the images' encoded metadata for a metadata model (None: all
+    missing). The hooks are removed before returning, also on error."""
     cam_class = CAM_METHODS[check_method(method)]
     outputs = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets]
     was_training = model.training
     maps = []
+    wrapped = _WithMetadata(model)
     with _gradients_to_input_only(model), torch.enable_grad():
-        cam = cam_class(model=model, target_layers=[model.gradcam_layer()])  # hooks the layer, sets eval mode
+        cam = cam_class(model=wrapped, target_layers=[model.gradcam_layer()])  # hooks the layer, sets eval mode
         try:  # explicit release: the CAM's __exit__ would swallow an IndexError
             for start in range(0, len(images), batch_size):
                 batch = model.normalize(images[start : start + batch_size].to(model.device)).requires_grad_(True)
+                if metadata is not None:
+                    wrapped.metadata = metadata[start : start + batch_size].to(model.device)
                 chosen = None if outputs is None else outputs[start : start + batch_size]
                 maps.append(cam(input_tensor=batch, targets=chosen))
             feature_map = tuple(cam.activations_and_grads.activations[0].shape[-2:])

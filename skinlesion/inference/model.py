@@ -14,12 +14,14 @@ from pathlib import Path
 
 import albumentations as A
 import numpy as np
+import pandas as pd
 import torch
 
 from skinlesion.clinical.thresholds import CalibrationSet
 from skinlesion.data.dataset import to_chw_tensor
 from skinlesion.data.images import DEFAULT_MAX_PIXELS, load_resized, load_rgb
 from skinlesion.data.layouts import load_records
+from skinlesion.data.metadata import read_metadata_table, rows_for_files
 from skinlesion.data.specs import CacheSpec
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import ConfigError, DataError
@@ -122,15 +124,42 @@ class InferenceModel:
         square = load_resized(path, self.source_size, pre.cv2_interpolation, self.max_pixels)
         return to_chw_tensor(self.transform(image=square)["image"])
 
-    def predict_proba(self, images: torch.Tensor, tta_views: int = 1, calibrated: bool = True) -> torch.Tensor:
-        """Class probabilities of uint8 NCHW ``images`` (temperature-scaled unless ``calibrated=False``)."""
-        probs = predict_proba_tta(self.model, images.to(self.model.device), views=tta_views, calibrated=calibrated)
+    def predict_proba(
+        self,
+        images: torch.Tensor,
+        tta_views: int = 1,
+        calibrated: bool = True,
+        metadata: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Class probabilities of uint8 NCHW ``images`` (temperature-scaled unless ``calibrated=False``);
+        ``metadata``: their encoded metadata (:meth:`metadata_for`)."""
+        device = self.model.device
+        metadata = metadata.to(device) if metadata is not None else None
+        probs = predict_proba_tta(self.model, images.to(device), tta_views, calibrated, metadata)
         return probs.float().cpu()
 
     @torch.no_grad()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
+    def logits(self, images: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
         """Raw logits of uint8 NCHW ``images`` (one view): what the OOD score reads."""
-        return self.model(self.model.normalize(images.to(self.model.device))).float().cpu()
+        device = self.model.device
+        metadata = metadata.to(device) if metadata is not None else None
+        return self.model(self.model.normalize(images.to(device)), metadata).float().cpu()
+
+    def metadata_table(self, path: str | None) -> pd.DataFrame | None:
+        """The ``metadata=`` CSV of predict and explain (None: none given); refused for a model without metadata."""
+        if path in (None, ""):
+            return None
+        if self.model.metadata_spec is None:
+            raise ConfigError(
+                f"metadata_csv={path} but {self.path} was trained without metadata; leave metadata_csv out for it"
+            )
+        return read_metadata_table(path)
+
+    def metadata_for(self, paths: list[Path], table: pd.DataFrame | None) -> torch.Tensor | None:
+        """The encoded metadata of image files from a metadata table (``read_metadata_table``; files not in it,
+        or no table: every field missing); None for a model trained without metadata."""
+        spec = self.model.metadata_spec
+        return None if spec is None else torch.from_numpy(spec.encode(rows_for_files(table, paths)))
 
     def labels_by_image_id(self) -> dict[str, int]:
         """Image id -> label of the checkpoint's dataset where it is on disk, else empty (labels unknown)."""

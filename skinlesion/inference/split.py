@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from skinlesion.data.datamodule import SPLIT_FILE, SkinLesionDataModule
+from skinlesion.data.metadata import MetadataSpec
 from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.data.splits import check_disjoint, check_same_split, read_run_split
 from skinlesion.errors import ConfigError, DataError
@@ -28,10 +29,15 @@ SCORED_SPLITS = ("val", "test")  # the splits a trained run can be scored on (tr
 
 
 def datamodule_for(
-    settings: dict, preprocessing: Preprocessing, split: str, split_file: Path | None = None
+    settings: dict,
+    preprocessing: Preprocessing,
+    split: str,
+    split_file: Path | None = None,
+    metadata: MetadataSpec | None = None,
 ) -> SkinLesionDataModule:
-    """The data of ``split`` as the model sees it; ``split_file``: that run's recorded split, not a rebuilt one.
-    A synthetic set is never generated here: a moved one must not be replaced by a new set."""
+    """The data of ``split`` as the model sees it (``metadata``: a metadata model's encoding, from the dataset's
+    own metadata); ``split_file``: that run's recorded split, not a rebuilt one. A synthetic set is never
+    generated here: a moved one must not be replaced by a new set."""
     settings = {**settings, "image_size": preprocessing.image_size}  # the model decides, not the training data config
     # An external test set is read on its own: evaluating a downloaded checkpoint on the ISIC 2018 test
     # set must not need the data it was trained on (nor spend minutes checking and caching it).
@@ -42,6 +48,7 @@ def datamodule_for(
         test_set_only=external,
         generate_synthetic=False,
         split_file=str(split_file) if split_file else None,
+        metadata=metadata,
     )
     datamodule.setup("test")
     if split not in datamodule.datasets:
@@ -63,7 +70,8 @@ def predict_split(
     model.to(device)
     probs, labels, indices = [], [], []
     for batch in datamodule.eval_dataloader(split):
-        probs.append(predict_proba_tta(model, batch["image"].to(device), views, calibrated).float().cpu())
+        metadata = batch["metadata"].to(device) if "metadata" in batch else None
+        probs.append(predict_proba_tta(model, batch["image"].to(device), views, calibrated, metadata).float().cpu())
         labels.append(batch["label"])
         indices.append(batch["index"])
     return SplitPredictions.in_record_order(torch.cat(probs), torch.cat(labels), torch.cat(indices))
@@ -103,6 +111,11 @@ def listed_split_file(members: dict[str, InferenceModel], split: str) -> Path:
     return first
 
 
+def _data_key(member: InferenceModel) -> tuple[Preprocessing, MetadataSpec | None]:
+    """What decides the batches a member needs: its preprocessing and its metadata encoding."""
+    return member.model.preprocessing, member.model.metadata_spec
+
+
 def predict_members(
     members: dict[str, InferenceModel],
     settings: dict,
@@ -116,11 +129,11 @@ def predict_members(
     the records were checked against the runs' ``split.csv``."""
     external = split == "test" and bool(settings.get("test_set"))
     listed = listed_split_file(members, split) if split_from == "file" and not external else None
-    datamodules: dict[Preprocessing, SkinLesionDataModule] = {}
+    datamodules: dict[tuple, SkinLesionDataModule] = {}  # one per (preprocessing, metadata encoding)
     for member in members.values():
-        pre = member.model.preprocessing
-        if pre not in datamodules:
-            datamodules[pre] = datamodule_for(settings, pre, split, listed)
+        key = pre, metadata = _data_key(member)
+        if key not in datamodules:
+            datamodules[key] = datamodule_for(settings, pre, split, listed, metadata)
     first_datamodule = next(iter(datamodules.values()))
     records = first_datamodule.records
     if external:  # checked before minutes of predicting
@@ -134,17 +147,17 @@ def predict_members(
         checked = []
         for member in members.values():
             if (split_file := run_split_file(member)) is not None:
-                check_same_split(datamodules[member.model.preprocessing].records, split_file)
+                check_same_split(datamodules[_data_key(member)].records, split_file)
                 checked.append(str(split_file))
         split_check = {"split_from": "data", "same_as": checked}
     results = {}
     for name, member in members.items():
-        datamodule = datamodules[member.model.preprocessing]
+        datamodule = datamodules[_data_key(member)]
         results[name] = predict_split(member.model, datamodule, split, device, views, calibrated)
         log.info("%s: %d %s images", name, len(results[name].indices), split)
     first_name, first = next(iter(results.items()))
     for name, result in results.items():
-        theirs = datamodules[members[name].model.preprocessing].records
+        theirs = datamodules[_data_key(members[name])].records
         same_images = list(result.records_of(theirs)["image_id"]) == list(first.records_of(records)["image_id"])
         if not (same_images and torch.equal(result.labels, first.labels)):
             raise DataError(f"ensemble member {name} saw other {split} images than {first_name}")

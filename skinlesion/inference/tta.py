@@ -38,8 +38,13 @@ def tta_views(tta: bool, views: int) -> int:
 
 @torch.no_grad()
 def predict_proba_tta(
-    model: SkinLesionClassifier, images: torch.Tensor, views: int = 8, calibrated: bool = True
+    model: SkinLesionClassifier,
+    images: torch.Tensor,
+    views: int = 8,
+    calibrated: bool = True,
+    metadata: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean class probabilities over the views of uint8 NCHW ``images`` (views=1: no TTA)."""
-    probs = [model.predict_proba(view, calibrated=calibrated) for view in dihedral_views(images, views)]
+    """Mean class probabilities over the views of uint8 NCHW ``images`` (views=1: no TTA); each view with the
+    images' ``metadata`` (a metadata model's; None: all missing)."""
+    probs = [model.predict_proba(view, calibrated, metadata) for view in dihedral_views(images, views)]
     return torch.stack(probs).mean(dim=0)

@@ -18,11 +18,13 @@ import torch
 from hydra.utils import instantiate
 
 from skinlesion.config import to_plain
+from skinlesion.data.metadata import MetadataSpec
 from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.errors import ConfigError, TrainingDivergedError
 from skinlesion.inference.predictions import SplitPredictions, probabilities
 from skinlesion.labels import CLASSES
 from skinlesion.models.backbone import BackboneSpec, create_backbone, get_module, resolve_blocks
+from skinlesion.models.fusion import attach_fusion_head, fused_logits
 from skinlesion.models.metrics import classification_metrics, probability_metrics
 from skinlesion.models.optim import param_groups, rename_saved_groups
 
@@ -44,12 +46,22 @@ class SkinLesionClassifier(L.LightningModule):
         compile: bool | Mapping = False,
         class_names: Sequence[str] = CLASSES,
         preprocessing: Mapping | None = None,
+        metadata: Mapping | None = None,
     ) -> None:
+        """``metadata``: the metadata fusion option's settings (:class:`MetadataSpec`; None = image only)."""
         super().__init__()
         model, optimizer, scheduler, loss, compile = (to_plain(v) for v in (model, optimizer, scheduler, loss, compile))
         self.spec = BackboneSpec.from_config(model)
         self.class_names = tuple(class_names)
         self.backbone = create_backbone(self.spec, num_classes=len(self.class_names))
+        self.metadata_spec = MetadataSpec.from_config(to_plain(metadata)) if metadata is not None else None
+        if self.metadata_spec is not None:
+            if compile:
+                raise ConfigError(
+                    "module.compile compiles the backbone's forward, which the metadata model does not call; "
+                    "set module.compile=false with metadata=fusion"
+                )
+            attach_fusion_head(self.backbone, self.metadata_spec, len(self.class_names))
         self.preprocessing = (
             Preprocessing.from_dict(preprocessing)
             if preprocessing
@@ -72,6 +84,7 @@ class SkinLesionClassifier(L.LightningModule):
                 "compile": compile,
                 "class_names": list(self.class_names),
                 "preprocessing": self.preprocessing.to_dict(),
+                "metadata": self.metadata_spec.to_dict() if self.metadata_spec is not None else None,
             },
             logger=False,  # the loggers get the whole run config instead (skinlesion.tracking)
         )
@@ -126,12 +139,23 @@ class SkinLesionClassifier(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for normalised float images."""
-        return self.backbone(images)
+    def forward(self, images: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for normalised float images and, for a metadata model, their encoded metadata (None: every
+        field missing); a model without metadata ignores it."""
+        if self.metadata_spec is None:
+            return self.backbone(images)
+        if metadata is None:
+            metadata = self.missing_metadata(len(images))
+        return fused_logits(self.backbone, images, metadata)
 
-    def predict_proba(self, images: torch.Tensor, calibrated: bool = True) -> torch.Tensor:
-        logits = self(self.normalize(images)).float()
+    def missing_metadata(self, n: int) -> torch.Tensor:
+        """``n`` rows of the all-missing metadata vector, on the model's device."""
+        return self.backbone.get_classifier().missing.expand(n, -1)
+
+    def predict_proba(
+        self, images: torch.Tensor, calibrated: bool = True, metadata: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        logits = self(self.normalize(images), metadata).float()
         return probabilities(logits, self.temperature if calibrated else 1.0)
 
     def set_class_weights(self, weights: torch.Tensor | None) -> None:
@@ -154,7 +178,7 @@ class SkinLesionClassifier(L.LightningModule):
         return self.criterion(logits, target, weight)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
+        logits = self(batch["image"], batch.get("metadata"))
         loss = self._loss(logits, batch["label"])
         # Synced (once, at the epoch's end): every DDP rank logs and checks the same mean loss.
         self.log(
@@ -178,7 +202,7 @@ class SkinLesionClassifier(L.LightningModule):
             )
 
     def _eval_step(self, split: str, batch: dict) -> None:
-        logits = self(batch["image"]).float()
+        logits = self(batch["image"], batch.get("metadata")).float()
         self._collected.setdefault(split, []).append((logits.detach(), batch["label"], batch["index"]))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -217,7 +241,7 @@ class SkinLesionClassifier(L.LightningModule):
         self._end_eval_epoch("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        logits = self(batch["image"]).float()
+        logits = self(batch["image"], batch.get("metadata")).float()
         return {"probs": probabilities(logits, self.temperature), "index": batch["index"]}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

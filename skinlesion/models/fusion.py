@@ -1,0 +1,71 @@
+"""Metadata fusion: a small MLP embeds the metadata vector, which is concatenated with the backbone's pooled
+image features before a new classifier.
+
+The fusion head takes the place of the timm model's classifier (``get_classifier()`` returns it), so the
+metadata MLP and the new classifier are "the head" everywhere the recipe asks: ``head_parameters`` (the
+optimiser's head groups, trained from stage 1), the fine-tuning callback's stage 1 and the parameter counts.
+The model is then called through :func:`fused_logits` (timm's ``forward_features`` and
+``forward_head(pre_logits=True)``: global pooling and the backbone's dropout), never through timm's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from skinlesion.data.metadata import MetadataSpec
+
+
+class MetadataFusionHead(nn.Module):
+    """(pooled image features, metadata vector) -> logits. In training each metadata field of each image is
+    replaced by its missing encoding with probability ``field_dropout``, so the model also works without it."""
+
+    def __init__(self, spec: MetadataSpec, num_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(
+            nn.Linear(spec.width, spec.hidden), nn.ReLU(), nn.Linear(spec.hidden, spec.hidden), nn.ReLU()
+        )
+        self.fc = nn.Linear(num_features + spec.hidden, num_classes)
+        nn.init.trunc_normal_(self.fc.weight, std=0.01)  # as the image-only head: uniform probabilities at start
+        nn.init.zeros_(self.fc.bias)
+        self.field_dropout = spec.field_dropout
+        self.slices = spec.field_slices()
+        self.register_buffer("missing", torch.from_numpy(spec.missing_row()), persistent=False)
+
+    def drop_fields(self, metadata: torch.Tensor) -> torch.Tensor:
+        """Each field of each row replaced by its missing encoding with probability ``field_dropout``."""
+        dropped = metadata.clone()
+        for start, stop in self.slices:
+            rows = torch.rand(len(metadata), device=metadata.device) < self.field_dropout
+            dropped[rows, start:stop] = self.missing[start:stop].to(dropped.dtype)
+        return dropped
+
+    def forward(self, features: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        if self.training and self.field_dropout > 0:
+            metadata = self.drop_fields(metadata)
+        embedded = self.embed(metadata.to(features.dtype))
+        return self.fc(torch.cat([features, embedded], dim=1))
+
+
+def attach_fusion_head(backbone: nn.Module, spec: MetadataSpec, num_classes: int) -> None:
+    """Put a :class:`MetadataFusionHead` where the timm model's (new) classifier is."""
+    classifier = backbone.get_classifier()
+    name = next(name for name, module in backbone.named_modules() if module is classifier)
+    backbone.set_submodule(name, MetadataFusionHead(spec, classifier.in_features, num_classes))
+
+
+def fused_logits(backbone: nn.Module, images: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+    """Logits of a backbone carrying a fusion head, for normalised images and encoded metadata."""
+    features = backbone.forward_head(backbone.forward_features(images), pre_logits=True)
+    return backbone.get_classifier()(features, metadata)
+
+
+class ImageAndMetadata(nn.Module):
+    """The fusion model as one module of two inputs (image, metadata): what ONNX export traces."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        return fused_logits(self.backbone, image, metadata)

@@ -1,0 +1,220 @@
+"""Metadata fusion (``metadata=fusion``): the fixed encoding, field dropout, the head's place in the recipe,
+old checkpoints, and one model trained, evaluated (with and without metadata), predicted, explained, exported
+and (slow) resumed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+from test_evaluate import make_isic_test_set
+
+from skinlesion.callbacks.finetune import TwoStageFinetuning
+from skinlesion.config import CONFIG_DIR
+from skinlesion.data.layouts import HAM_LOCALIZATIONS, load_records
+from skinlesion.data.metadata import MetadataSpec
+from skinlesion.errors import ConfigError, DataError
+from skinlesion.evaluate import evaluate
+from skinlesion.explain import explain
+from skinlesion.export import export
+from skinlesion.labels import CLASSES
+from skinlesion.models.backbone import head_parameters
+from skinlesion.models.fusion import MetadataFusionHead
+from skinlesion.models.module import SkinLesionClassifier
+from skinlesion.models.optim import param_groups
+from skinlesion.predict import predict
+from skinlesion.runfolder.checkpoints import load_classifier
+
+from conftest import USER_TINY, compose_config, random_checkpoint, run_cli, run_user, tiny_train_overrides
+
+PROBS = [f"prob_{c}" for c in CLASSES]
+
+
+def mobilenet(**kwargs) -> SkinLesionClassifier:
+    spec = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / "mobilenetv2.yaml"))
+    return SkinLesionClassifier(model={**spec, "pretrained": False}, image_size=32, **kwargs)
+
+
+def test_encoding_is_fixed_and_marks_missing_and_unknown_values() -> None:
+    spec = MetadataSpec()
+    frame = pd.DataFrame(
+        {
+            "age": ["45.0", "", "abc", "200"],
+            "sex": ["male", "", "FEMALE ", "x"],
+            "localization": ["face", "lip", "", "back"],
+        }
+    )
+    encoded = spec.encode(frame)
+    assert encoded.shape == (4, 2 + 3 + len(HAM_LOCALIZATIONS)) == (4, spec.width)
+    np.testing.assert_allclose(encoded[:, :2], [[0.45, 0], [0, 1], [0, 1], [0, 1]], rtol=1e-6)  # /100, missing flag
+    sex = encoded[:, 2:5]
+    assert [spec.sexes[i] for i in sex.argmax(1)] == ["male", "unknown", "female", "unknown"]
+    assert (sex.sum(1) == 1).all()
+    site = encoded[:, 5:]
+    assert [spec.sites[i] for i in site.argmax(1)] == ["face", "unknown", "unknown", "back"]  # unseen 'lip' too
+    # A set without the columns (the ISIC 2018 layout) is all missing, row for row the missing vector.
+    bare = spec.encode(pd.DataFrame(index=range(3)))
+    assert (bare == spec.missing_row()).all()
+    # Only the chosen fields, and the vocabulary travels with the settings (a checkpoint's, not today's).
+    ages = MetadataSpec.from_config({"fields": ["age"]})
+    assert ages.encode(frame).shape == (4, 2)
+    assert MetadataSpec.from_config(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"fields": ["age", "height"]}, "fields"),
+        ({"fields": []}, "fields"),
+        ({"field_dropout": 1.0}, "field_dropout"),
+        ({"hidden": 0}, "hidden"),
+        ({"color": 1}, "unknown module.metadata setting"),
+    ],
+)
+def test_bad_metadata_settings_are_refused(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        MetadataSpec.from_config(values)
+
+
+def test_field_dropout_drops_whole_fields_in_training_and_never_in_eval() -> None:
+    spec = MetadataSpec(field_dropout=0.5)
+    head = MetadataFusionHead(spec, num_features=4, num_classes=7)
+    seen = []
+    head.embed.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].clone()))
+    metadata = torch.from_numpy(spec.encode(pd.DataFrame({"age": ["50"] * 400, "sex": "male", "localization": "face"})))
+    features = torch.randn(400, 4)
+    head.train()(features, metadata)
+    head.eval()(features, metadata)
+    trained, evaluated = seen
+    assert torch.equal(evaluated, metadata)
+    missing = torch.from_numpy(spec.missing_row())
+    for start, stop in spec.field_slices():
+        dropped = (trained[:, start:stop] == missing[start:stop]).all(1)
+        kept = (trained[:, start:stop] == metadata[:, start:stop]).all(1)
+        assert (dropped | kept).all()  # a field is replaced whole or not at all
+        assert 0.35 < dropped.float().mean() < 0.65
+
+
+def test_the_metadata_mlp_and_fusion_classifier_are_the_head_of_the_two_stage_recipe() -> None:
+    model = mobilenet(metadata={})
+    head = model.backbone.get_classifier()
+    assert isinstance(head, MetadataFusionHead)
+    fusion = {id(p) for p in head.parameters()}
+    assert fusion == {id(p) for p in head_parameters(model.backbone)}
+    assert any(id(p) in fusion for p in head.embed.parameters())
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(model.backbone, 1e-4)}
+    assert groups["head"] | groups["head/no_decay"] == fusion
+    assert not fusion & (groups["backbone"] | groups["backbone/no_decay"])
+    finetune = TwoStageFinetuning(unfreeze_at_epoch=1, num_blocks=1, backbone_lr=1e-4)
+    finetune.apply(model.train(), epoch=0)  # stage 1: the head alone
+    assert {id(p) for p in model.parameters() if p.requires_grad} == fusion
+    # Every image-only path still works: no metadata means every field missing.
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.eval()(images), model(images, model.missing_metadata(2)))
+
+
+def test_a_checkpoint_saved_before_metadata_loads_as_an_image_only_model(tmp_path: Path) -> None:
+    checkpoint = random_checkpoint(tmp_path / "old.ckpt", "mobilenetv2", 32)
+    saved = torch.load(checkpoint, weights_only=True)
+    del saved["hyper_parameters"]["metadata"]  # as written before the option existed
+    torch.save(saved, checkpoint)
+    model = load_classifier(checkpoint)
+    assert model.metadata_spec is None
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(model.predict_proba(images).sum(1), torch.ones(2))
+
+
+def test_the_synthetic_set_draws_metadata_that_depends_on_the_diagnosis(synthetic_root: Path) -> None:
+    records = load_records(synthetic_root)
+    age = pd.to_numeric(records["age"], errors="coerce").groupby(records["dx"]).mean()
+    assert age["nv"] + 10 < age["akiec"]
+    sites = records.groupby("dx")["localization"].agg(lambda s: s.value_counts(normalize=True).index[0])
+    assert sites["df"] == "lower extremity"
+
+
+def test_metadata_model_trains_evaluates_predicts_explains_and_exports(
+    tmp_path: Path, synthetic_root: Path, cache_dir: Path
+) -> None:
+    overrides = [*tiny_train_overrides(tmp_path, synthetic_root, cache_dir), "metadata=fusion"]
+    overrides += ["+trainer.limit_train_batches=3", "gallery.enabled=true", "gallery.per_class=1"]
+    result = run_cli(tmp_path, "skinlesion.train", *overrides, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / "best.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["hyper_parameters"]["metadata"]["fields"] == ["age", "sex", "site"]
+    assert list((run / "gradcam").glob("gallery_*.png"))  # the training gallery fed the batch's metadata
+
+    base = [f"paths.root_dir={tmp_path}", "clinical.figures=false", f"ckpt_path={checkpoint}"]
+    own = evaluate(compose_config("evaluate", [*base, f"paths.output_dir={tmp_path / 'eval'}"]))
+    logged = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert own.metrics["test/balanced_acc"] == pytest.approx(logged["test/balanced_acc"], abs=1e-6)
+
+    # The ISIC 2018 layout has no metadata: every field missing, still valid probabilities.
+    isic = tmp_path / "ISIC2018"
+    make_isic_test_set(isic, synthetic_root)
+    external = [f"data.test_set.root={isic}", "data.test_set.layout=isic2018", "tta=true", "tta_views=2"]
+    evaluate(compose_config("evaluate", [*base, f"paths.output_dir={tmp_path / 'isic'}", *external]))
+    probs = pd.read_csv(tmp_path / "isic" / "predictions_test.csv")[PROBS]
+    assert probs.notna().all().all() and np.allclose(probs.sum(1), 1, atol=1e-4)
+
+    photos = isic / "ISIC2018_Task3_Test_Input"
+    table = tmp_path / "meta.csv"
+    names = sorted(p.stem for p in photos.iterdir())
+    pd.DataFrame({"image_id": names, "age": 80, "sex": "male", "localization": "face"}).to_csv(table, index=False)
+    common = [f"paths.root_dir={tmp_path}", f"ckpt_path={checkpoint}", f"input={photos}", "device=cpu", "tta=true"]
+    without = predict(compose_config("predict", [*common, f"paths.output_dir={tmp_path / 'p0'}"]))
+    with_table = predict(
+        compose_config("predict", [*common, f"metadata_csv={table}", f"paths.output_dir={tmp_path / 'p1'}"])
+    )
+    assert np.allclose(with_table[PROBS].sum(1), 1, atol=1e-4)
+    assert not np.allclose(with_table[PROBS], without[PROBS], atol=1e-6)  # the metadata reached the model
+    assert json.loads((tmp_path / "p1" / "predict.json").read_text())["metadata"]["images_listed"] == len(names)
+
+    shown = explain(compose_config("explain", [*common[:2], f"paths.output_dir={tmp_path / 'x'}", "split=test",
+                                               "per_class=1", "device=cpu"]))  # fmt: skip
+    assert shown["images"] > 0 and shown["figures"]
+    images = [f"images={photos}", "n=2", f"metadata_csv={table}", "device=cpu"]
+    pictured = explain(compose_config("explain", [*common[:2], f"paths.output_dir={tmp_path / 'y'}", *images]))
+    assert pictured["images"] == 2 and pictured["failed"] == 0
+
+    exported = export(compose_config("export", [*common[:2], f"paths.output_dir={tmp_path / 'onnx'}"]))
+    assert exported["parity"]["max_abs_diff"] < 1e-4
+    sidecar = json.loads(Path(exported["json"]).read_text())
+    assert sidecar["metadata"]["shape"] == ["batch", MetadataSpec().width]
+
+
+def test_metadata_csv_is_refused_for_an_image_only_model_and_must_name_images(tmp_path: Path) -> None:
+    checkpoint = random_checkpoint(tmp_path / "ckpt" / "best.ckpt", "mobilenetv2", 32)
+    table = tmp_path / "meta.csv"
+    pd.DataFrame({"age": [50]}).to_csv(table, index=False)
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"")
+    args = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'p'}", f"ckpt_path={checkpoint}"]
+    with pytest.raises(ConfigError, match="trained without metadata"):
+        predict(compose_config("predict", [*args, f"input={photo}", f"metadata_csv={table}"]))
+    model = mobilenet(metadata={})
+    fused = tmp_path / "fused.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, fused)
+    args[-1] = f"ckpt_path={fused}"
+    with pytest.raises(DataError, match="no image_id column"):
+        predict(compose_config("predict", [*args, f"input={photo}", f"metadata_csv={table}"]))
+
+
+@pytest.mark.slow
+def test_a_metadata_run_resumes_from_its_checkpoint_alone(tmp_path: Path) -> None:
+    first = run_user(tmp_path, "python", "-m", "skinlesion.train", *USER_TINY, "metadata=fusion")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
+    last = run / "checkpoints" / "last.ckpt"
+    resumed = run_user(tmp_path, "python", "-m", "skinlesion.train", f"ckpt_path={last}", "trainer.max_epochs=3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]  # metadata=fusion replayed: nothing changed
+    assert len(pd.read_csv(run / "history.csv")) == 3
+    assert torch.load(last, weights_only=True)["hyper_parameters"]["metadata"] is not None
+    changed = run_user(tmp_path, "python", "-m", "skinlesion.train", f"ckpt_path={last}", "trainer.max_epochs=4",
+                       "module.metadata.hidden=8")  # fmt: skip
+    assert changed.returncode == 2 and "module.metadata.hidden" in changed.stderr
