@@ -113,6 +113,22 @@ class OptimizerSettings:
 @dataclass(frozen=True, kw_only=True, config=SCHEMA)
 class FinetuneSettings:
     backbone_lr: Annotated[Number, Field(gt=0, description="the backbone's learning rate in stage 2")]
+    layer_decay: Annotated[
+        Number | None, Field(gt=0, le=1, description="per earlier block; null = one backbone rate")
+    ] = None
+
+
+@dataclass(frozen=True, kw_only=True, config=SCHEMA)
+class EmaSettings:
+    enabled: Annotated[bool, Strict()]
+    decay: Annotated[Fraction, Field(description="the weight the average keeps at each step")]
+    warmup: Annotated[bool, Strict()]
+
+
+@dataclass(frozen=True, kw_only=True, config=SCHEMA)
+class EarlyStoppingSettings:
+    patience: Annotated[Whole | None, Field(ge=1, description="stage-2 validations; null = never stop early")]
+    min_delta: Annotated[Number, Field(ge=0, description="the smallest improvement of the monitored metric")]
 
 
 @dataclass(frozen=True, kw_only=True, config=SCHEMA)
@@ -178,6 +194,8 @@ class TrainSettings:
     gallery: GallerySettings
     clinical: ClinicalSettings
     seed: Annotated[Whole, Field(ge=0, le=2**32 - 1, description="numpy's seed range")]
+    ema: EmaSettings
+    early_stopping: EarlyStoppingSettings
 
 
 @dataclass(frozen=True, kw_only=True, config=SCHEMA)

@@ -28,6 +28,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from skinlesion import cli, tracking
+from skinlesion.callbacks.early_stopping import Stage2EarlyStopping
+from skinlesion.callbacks.ema import EMAWeights
 from skinlesion.callbacks.finetune import TwoStageFinetuning
 from skinlesion.callbacks.history import TrainingHistory
 from skinlesion.clinical.thresholds import CalibrationSet, ClinicalTargets
@@ -174,6 +176,18 @@ def _check_resumed_split(cfg: DictConfig, split_file: Path) -> None:
     check_same_split(records, split_file)
 
 
+def _options(cfg: DictConfig) -> tuple[EMAWeights | None, Stage2EarlyStopping | None]:
+    """The averaged weights and early stopping, each None when off (the default)."""
+    ema = EMAWeights(cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
+    settings = cfg.early_stopping
+    stopping = (
+        Stage2EarlyStopping(cfg.monitor, cfg.monitor_mode, settings.patience, settings.min_delta)
+        if settings.patience is not None
+        else None
+    )
+    return ema, stopping
+
+
 def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes: dict | None) -> RunSummary | None:
     if rank_zero_only.rank == 0 and resume_changes is None:  # a resumed run keeps its config.yaml
         write_resolved_config(cfg, run_dir)
@@ -194,7 +208,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
         generate_synthetic=resume_changes is None,  # a resumed run needs the very set it was started on
     )
     finetune: TwoStageFinetuning = instantiate(cfg.finetune)
-    callbacks = [*_instantiate_section(cfg.callbacks, "callbacks"), finetune]
+    ema, stopping = _options(cfg)
+    callbacks = [*_instantiate_section(cfg.callbacks, "callbacks"), finetune, *filter(None, (ema, stopping))]
     loggers = _instantiate_section(cfg.logger, "logger")
     if not loggers:  # the learning-rate monitor has nowhere to write (Lightning refuses it without a logger)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -210,6 +225,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
     fit_time = time.perf_counter() - start
     history = next((c for c in callbacks if isinstance(c, TrainingHistory)), None)
     last_epoch = dict(history.rows[-1]) if history and history.rows else {}
+    if stopping is not None and stopping.describe()["stopped_epoch"] is not None:
+        log.info("early stopping in epoch %d: %s", stopping.stopped_epoch, stopping.stopping_reason_message)
 
     # The best weights on val, the temperature fitted on those predictions, then test with it.
     checkpoint = trainer.checkpoint_callback
@@ -268,6 +285,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, resume_changes
         calibration=calibration,
         last_epoch=last_epoch,
         clinical=clinical,
+        ema=ema.describe() if ema is not None else {},
+        early_stopping=stopping.describe() if stopping is not None else {},
     )
     summary.write()
     write_model_card(run_dir)  # from the files just written, so it always describes them

@@ -57,6 +57,9 @@ IMPOSSIBLE_TRAINING = [
     "optimizer.lr=-1",
     "data.split.val=1.5",
     "data.num_workers=-1",
+    "ema.decay=1.5",
+    "early_stopping.patience=0",
+    "finetune.layer_decay=0",
 ]
 
 

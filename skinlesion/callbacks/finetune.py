@@ -77,6 +77,7 @@ class TwoStageFinetuning(Callback):
         backbone_lr: float = 1e-5,
         bn: str = "frozen_eval",
         share: float | None = 0.7,
+        layer_decay: float | None = None,
     ) -> None:
         """``unfreeze_at_epoch=0``: full fine-tuning from the start; ``None``: head only, never unfrozen;
         ``"auto"``: a third of ``trainer.max_epochs`` (at least one epoch of each stage; head only for a
@@ -87,7 +88,8 @@ class TwoStageFinetuning(Callback):
         from the end; ``"all"`` unfreezes the whole backbone.
         ``backbone_lr`` is the recipe's learning rate of the backbone's param groups (the scheduler scales it
         like the head's). The module's optimiser owns it (``conf/train.yaml`` hands ``finetune.backbone_lr``
-        to the module); the callback reports it and refuses a module built with another value.
+        to the module); the callback reports it and refuses a module built with another value. So with
+        ``layer_decay`` (:func:`skinlesion.models.optim.param_groups`: per block, the last at ``backbone_lr``).
         """
         if bn not in BN_POLICIES:
             raise ConfigError(f"finetune.bn='{bn}' is not valid; choose one of {', '.join(BN_POLICIES)}")
@@ -108,6 +110,7 @@ class TwoStageFinetuning(Callback):
         self.num_blocks = num_blocks
         self.share = None if num_blocks is not None else float(share)
         self.backbone_lr = float(backbone_lr)
+        self.layer_decay = None if layer_decay is None else float(layer_decay)
         self.bn = bn
         self.unfrozen_at: int | None = None  # the epoch stage 2 began in this run (checkpointed)
         self.resolved = False  # resolve() ran: `auto` is an epoch and the settings fit the module
@@ -148,6 +151,7 @@ class TwoStageFinetuning(Callback):
             "rule": self.rule,
             "unfreeze_at_epoch": self.unfreeze_at_epoch,
             "backbone_lr": self.backbone_lr,
+            "layer_decay": self.layer_decay,
             "bn": self.bn,
             "backbone_params": backbone,
             "blocks": len(blocks),
@@ -176,6 +180,14 @@ class TwoStageFinetuning(Callback):
                 f"finetune.backbone_lr={self.backbone_lr:g} but the module's optimiser was built with backbone_lr="
                 f"{module_lr:g}; give both the same value (conf/train.yaml passes finetune.backbone_lr to the module)"
             )
+        module_decay = pl_module.hparams.get("layer_decay")
+        if module_decay != self.layer_decay and not (
+            module_decay is not None and self.layer_decay is not None and math.isclose(module_decay, self.layer_decay)
+        ):
+            raise ConfigError(
+                f"finetune.layer_decay={self.layer_decay} but the module's optimiser was built with layer_decay="
+                f"{module_decay}; give both the same value (conf/train.yaml passes finetune.layer_decay to the module)"
+            )
         self.resolved = True
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -200,9 +212,10 @@ class TwoStageFinetuning(Callback):
                 self.unfrozen_at = epoch
                 blocks = self._blocks_to_unfreeze(pl_module)
                 share = numel(trainable) / numel_params(backbone_parameters(backbone))
+                decay = f" x {self.layer_decay:g} per earlier block" if self.layer_decay is not None else ""
                 log.info(
-                    "epoch %d: stage 2 (%s), the last %d of %d blocks (%.1f%% of the backbone) train at lr %g",
-                    epoch, self.rule, len(blocks), len(pl_module.blocks()), 100 * share, self.backbone_lr,
+                    "epoch %d: stage 2 (%s), the last %d of %d blocks (%.1f%% of the backbone) train at lr %g%s",
+                    epoch, self.rule, len(blocks), len(pl_module.blocks()), 100 * share, self.backbone_lr, decay,
                 )  # fmt: skip
         self._apply_bn_policy(backbone, trainable)
 

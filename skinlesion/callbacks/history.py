@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from skinlesion.models.backbone import backbone_parameters, count_parameters
-from skinlesion.models.optim import NO_DECAY
+from skinlesion.models.optim import NO_DECAY, is_block_group
 from skinlesion.plots import plot_training_curves
 
 log = logging.getLogger("skinlesion.epochs")
@@ -72,10 +72,11 @@ class TrainingHistory(Callback):
             "val_time_s": round(self._epoch_val_s, 3),
         }
         row["images_per_s"] = round(self._epoch_images * trainer.world_size / max(elapsed, 1e-9), 1)
-        for group in trainer.optimizers[0].param_groups:
-            name = group.get("name", "group")
-            if not name.endswith(NO_DECAY):  # its twin without weight decay has the same learning rate
-                row[f"lr/{name}"] = group["lr"]
+        rates: dict[str, float] = {}
+        for group in trainer.optimizers[0].param_groups:  # a twin without weight decay has the same rate
+            rates.setdefault(group.get("name", "group").removesuffix(NO_DECAY), group["lr"])
+        blocks = [name for name in rates if is_block_group(name)]  # layer-wise decay: the lowest and highest
+        row |= {f"lr/{name}": lr for name, lr in rates.items() if name not in blocks[1:-1]}
         row["trainable_params"] = count_parameters(pl_module)[1]
         stage = next(
             (c.stage_for_epoch(trainer.current_epoch) for c in trainer.callbacks if hasattr(c, "stage_for_epoch")), None

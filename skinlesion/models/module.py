@@ -41,6 +41,7 @@ class SkinLesionClassifier(L.LightningModule):
         scheduler: Mapping | None = None,
         loss: Mapping | None = None,
         backbone_lr: float = 1e-5,
+        layer_decay: float | None = None,
         image_size: int | None = None,
         channels_last: bool | str = "auto",
         compile: bool | Mapping = False,
@@ -79,6 +80,7 @@ class SkinLesionClassifier(L.LightningModule):
                 "scheduler": scheduler or {},
                 "loss": loss or {"_target_": "skinlesion.models.losses.CrossEntropy"},
                 "backbone_lr": backbone_lr,
+                "layer_decay": layer_decay,  # None: one backbone rate (and in checkpoints from before it)
                 "image_size": self.preprocessing.image_size,
                 "channels_last": channels_last,
                 "compile": compile,
@@ -255,7 +257,9 @@ class SkinLesionClassifier(L.LightningModule):
             rename_saved_groups(state)
 
     def configure_optimizers(self) -> Any:
-        optimizer = instantiate(self.hparams.optimizer)(param_groups(self.backbone, self.hparams.backbone_lr))
+        decay = self.hparams.layer_decay
+        groups = param_groups(self.backbone, self.hparams.backbone_lr, decay, self.blocks() if decay else None)
+        optimizer = instantiate(self.hparams.optimizer)(groups)
         settings = dict(self.hparams.scheduler or {})
         if not settings:
             return optimizer

@@ -8,6 +8,13 @@ start from zero as they would in a freshly added group.
 
 Biases and normalisation parameters (1-D tensors) get no weight decay, as in timm's training recipes:
 decaying BatchNorm scales towards zero only fights the normalisation.
+
+Layer-wise learning-rate decay (``finetune.layer_decay``) gives each block of ``conf/model/<name>.yaml``
+(the blocks stage 2 unfreezes, stem first, together covering the backbone once) a group of its own: the
+last block at ``backbone_lr``, each earlier one ``layer_decay`` times its successor's. timm's
+``param_groups_layer_decay`` would number layers by its own ``group_matcher`` and hand the scale over as
+``lr_scale``, which only timm's schedulers apply; here the scale is already in each group's ``lr``, so every
+scheduler (``WarmupCosine``'s single factor, plateau, constant) keeps the ratios.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from skinlesion.errors import ConfigError
 from skinlesion.models.backbone import backbone_parameters, head_parameters
 
 HEAD, BACKBONE = "head", "backbone"
@@ -34,11 +42,56 @@ def _split_decay(name: str, params: list[torch.nn.Parameter], **settings) -> lis
     return [g for g in groups if g["params"]]
 
 
-def param_groups(model: torch.nn.Module, backbone_lr: float) -> list[dict]:
-    """Head groups with the optimiser's own lr, backbone groups with ``backbone_lr``."""
-    return _split_decay(HEAD, head_parameters(model)) + _split_decay(
-        BACKBONE, backbone_parameters(model), lr=backbone_lr
-    )
+def param_groups(
+    model: torch.nn.Module,
+    backbone_lr: float,
+    layer_decay: float | None = None,
+    blocks: list[list[torch.nn.Module]] | None = None,
+) -> list[dict]:
+    """Head groups with the optimiser's own lr; backbone groups with ``backbone_lr``, or with ``layer_decay``
+    one pair per block (``backbone/<index>``, stem first) at :func:`layer_rates`."""
+    head = _split_decay(HEAD, head_parameters(model))
+    if layer_decay is None:
+        return head + _split_decay(BACKBONE, backbone_parameters(model), lr=backbone_lr)
+    params = block_parameters(model, blocks or [])
+    width = len(str(len(params) - 1))  # backbone/07 sorts before backbone/12 in loggers and history.csv
+    rates = layer_rates(len(params), backbone_lr, layer_decay)
+    return head + [
+        group
+        for index, (block, lr) in enumerate(zip(params, rates, strict=True))
+        for group in _split_decay(f"{BACKBONE}/{index:0{width}d}", block, lr=lr)
+    ]
+
+
+def is_block_group(name: str) -> bool:
+    """One block's group under layer-wise decay (``backbone/<index>``; not its ``/no_decay`` twin)."""
+    prefix, _, index = name.partition("/")
+    return prefix == BACKBONE and index.isdigit()
+
+
+def layer_rates(num_blocks: int, backbone_lr: float, layer_decay: float) -> list[float]:
+    """Per block, stem first: the last at ``backbone_lr``, each earlier one ``layer_decay`` x the next."""
+    return [backbone_lr * layer_decay ** (num_blocks - 1 - index) for index in range(num_blocks)]
+
+
+def block_parameters(model: torch.nn.Module, blocks: list[list[torch.nn.Module]]) -> list[list[torch.nn.Parameter]]:
+    """Each block's parameters; refused unless the blocks hold every backbone parameter exactly once (a
+    parameter left out would never train, one in two blocks would get two rates)."""
+    params = [list({id(p): p for module in block for p in module.parameters()}.values()) for block in blocks]
+    counts: dict[int, int] = {}
+    for block in params:
+        for p in block:
+            counts[id(p)] = counts.get(id(p), 0) + 1
+    names = {id(p): name for name, p in model.named_parameters()}
+    backbone = {id(p) for p in backbone_parameters(model)}
+    wrong = [names[i] for i in backbone if counts.get(i) != 1] + [names[i] for i in counts if i not in backbone]
+    if wrong:
+        raise ConfigError(
+            f"finetune.layer_decay needs model.blocks that hold every backbone parameter exactly once; "
+            f"{len(wrong)} do not (e.g. {', '.join(wrong[:3])}): fix the block list in conf/model/, or set "
+            "finetune.layer_decay=null"
+        )
+    return params
 
 
 class WarmupCosine(LambdaLR):

@@ -42,6 +42,15 @@ ACCEPTED_PREFIXES = (
     "data.eval_batch_size",
 )
 ACCEPTED_SUFFIXES = (".dirpath", ".output_dir", ".save_dir")  # callbacks' and loggers' folders
+ABSENT = "<absent>"
+# Options added after runs were saved: a config.yaml from before one lacks its keys, and the run resumes
+# as it trained with the option off (its switch at this value), whatever the option's other keys say.
+ADDED_OPTIONS = {  # key prefix: (switch, the value that keeps the option off)
+    "ema.": ("ema.enabled", False),
+    "early_stopping.": ("early_stopping.patience", None),
+    "finetune.layer_decay": ("finetune.layer_decay", None),
+    "module.layer_decay": ("finetune.layer_decay", None),
+}
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -53,12 +62,20 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: Mapping, current: Mapping) -> dict[str, tuple[Any, Any]]:
     """Every setting whose value differs (``<absent>`` where one side lacks it), by dotted key."""
     old, new = _flatten(saved), _flatten(current)
-    missing = "<absent>"
     return {
-        key: (old.get(key, missing), new.get(key, missing))
+        key: (old.get(key, ABSENT), new.get(key, ABSENT))
         for key in sorted(set(old) | set(new))
-        if old.get(key, missing) != new.get(key, missing)
+        if old.get(key, ABSENT) != new.get(key, ABSENT)
     }
+
+
+def added_and_off(key: str, old: Any, current: Mapping) -> bool:
+    """A key of an option the run predates (absent from its config.yaml), with that option off in ``current``."""
+    option = next((switch for prefix, switch in ADDED_OPTIONS.items() if key.startswith(prefix)), None)
+    if old != ABSENT or option is None:
+        return False
+    switch, off = option
+    return _flatten(current).get(switch, ABSENT) in (off, ABSENT)
 
 
 def accepted_on_resume(key: str, old: Any, new: Any) -> bool:
@@ -72,7 +89,11 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> dict[str, tuple[Any, Any]]:
     saved = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=True)
     current = OmegaConf.to_container(cfg, resolve=True)
     changes = config_changes(saved, current)
-    refused = {key: change for key, change in changes.items() if not accepted_on_resume(key, *change)}
+    refused = {
+        key: (old, new)
+        for key, (old, new) in changes.items()
+        if not accepted_on_resume(key, old, new) and not added_and_off(key, old, current)
+    }
     if refused:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
         raise ConfigError(

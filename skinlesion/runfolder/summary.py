@@ -22,7 +22,7 @@ TRAIN, EVALUATE = "train", "evaluate"
 TRAIN_FIELDS = (
     "timm_name", "pretrained", "weights", "image_size", "monitor", "best_epoch", "best_score", "best_checkpoint",
     "epochs", "params_total", "params_trainable", "finetune", "train_time_s", "fit_time_s", "train_images_per_s",
-    "calibration", "last_epoch",
+    "calibration", "last_epoch", "ema", "early_stopping",
 )  # fmt: skip
 EVALUATE_FIELDS = ("split", "dataset", "images", "split_check", "tta_views", "calibrated", "ensemble", "members")
 FAILURE_FIELDS = ("error", "traceback")
@@ -62,6 +62,8 @@ class RunSummary:
     train_images_per_s: float | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
     last_epoch: dict[str, Any] = field(default_factory=dict)
+    ema: dict[str, Any] = field(default_factory=dict)  # {} or the averaged weights that were evaluated
+    early_stopping: dict[str, Any] = field(default_factory=dict)  # {} or its settings and the epoch it stopped in
     # evaluation
     split: str | None = None
     dataset: dict[str, Any] = field(default_factory=dict)
