@@ -3,11 +3,14 @@
     python -m skinlesion.export ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt
     python -m skinlesion.export ckpt_path=... out=models/resnet50.onnx
 
-The ONNX graph is the backbone alone. Input ``image``: float32 NCHW ``[batch, 3, S, S]`` (dynamic batch,
-``S`` = the checkpoint's image size), RGB already resized (and centre-cropped if the model was trained
-so) and normalised as ``(pixel / 255 - mean) / std``. Output ``logits``: ``[batch, classes]``; calibrated
-probabilities are ``softmax(logits / temperature)``. The JSON beside the model (same name, ``.json``)
-records all of it: size, mean, std, interpolation, crop, class names and temperature.
+The ONNX graph is the backbone alone. Input ``image``: float32 NCHW ``[batch, 3, S, S]`` (dynamic batch, ``S``
+= the checkpoint's image size), RGB already resized (and centre-cropped if the model was trained so) and
+normalised as ``(pixel / 255 - mean) / std``. A model trained with colour constancy
+(``module.colour_constancy``) takes the same input: its graph undoes the normalisation, applies the Shades of
+Gray correction exactly as training did, and normalises again before the backbone. Output ``logits``:
+``[batch, classes]``; calibrated probabilities are ``softmax(logits / temperature)``. The JSON beside the
+model (same name, ``.json``) records all of it: size, mean, std, interpolation, crop, class names and
+temperature.
 
 Before the model is published it is compared with the PyTorch model on random images of several batch
 sizes, through onnxruntime when it is installed (else onnx's reference evaluator); a maximum absolute
@@ -71,8 +74,31 @@ def _quiet_below_debug(*names: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
+class ColourCorrected(torch.nn.Module):
+    """The backbone behind the model's colour constancy, for inputs normalised without it: the exported graph
+    keeps the one input contract, whatever the model was trained with."""
+
+    def __init__(self, model: SkinLesionClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images * self.model.std + self.model.mean
+        return self.model.backbone(self.model.standardize(pixels))
+
+
+def exported_graph(model: SkinLesionClassifier) -> torch.nn.Module:
+    """What the ONNX file holds: the backbone, behind the colour constancy when the model has one."""
+    return ColourCorrected(model) if model.preprocessing.colour_constancy else model.backbone
+
+
+def plainly_normalized(model: SkinLesionClassifier, images: torch.Tensor) -> torch.Tensor:
+    """The ONNX input of uint8 ``images``: ``(pixel / 255 - mean) / std``, no colour constancy."""
+    return (images.float() - model.mean) / model.std
+
+
 def export_onnx(model: SkinLesionClassifier, path: Path, exporter: str = "dynamo", opset: int = 18) -> None:
-    """Write the backbone as ONNX with a dynamic batch dimension (input and output)."""
+    """Write the model's graph as ONNX with a dynamic batch dimension (input and output)."""
     size = model.preprocessing.image_size
     example = torch.zeros(2, 3, size, size)  # batch 2: a batch of 1 would be specialised away
     options: dict = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": opset}
@@ -81,10 +107,10 @@ def export_onnx(model: SkinLesionClassifier, path: Path, exporter: str = "dynamo
         options |= {"dynamo": True, "dynamic_shapes": ({0: batch},), "external_data": False, "verbose": False}
     else:
         options |= {"dynamo": False, "dynamic_axes": {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}}
-    backbone = model.backbone.eval().cpu()
+    graph = exported_graph(model.eval().cpu())
     with torch.no_grad(), warnings.catch_warnings(), _quiet_below_debug(*EXPORTER_LOGGERS):
         warnings.simplefilter("ignore", DeprecationWarning)  # the torchscript exporter's notice
-        torch.onnx.export(backbone, (example,), str(path), **options)
+        torch.onnx.export(graph, (example,), str(path), **options)
 
 
 def onnx_runner(path: Path) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
@@ -104,8 +130,8 @@ def onnx_runner(path: Path) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
 def check_parity(
     model: SkinLesionClassifier, path: Path, batch_sizes: Sequence[int] = (1, 3), atol: float = 1e-4, seed: int = 0
 ) -> dict:
-    """Maximum absolute logit difference between the ONNX file and ``model`` on random uint8 images,
-    normalised as the model normalises them; raises ParityError above ``atol``."""
+    """Maximum absolute logit difference between the ONNX file (fed the plainly normalised images) and
+    ``model`` (fed the uint8 images, normalised by the model itself); raises ParityError above ``atol``."""
     onnx.checker.check_model(str(path))
     runtime, run = onnx_runner(path)
     generator = torch.Generator().manual_seed(seed)
@@ -114,9 +140,8 @@ def check_parity(
     diffs = []
     for batch in batch_sizes:
         images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
-        inputs = model.normalize(images)
-        expected = model(inputs).float().numpy()
-        diffs.append(float(np.abs(run(inputs.numpy()) - expected).max()))
+        expected = model(model.normalize(images)).float().numpy()
+        diffs.append(float(np.abs(run(plainly_normalized(model, images).numpy()) - expected).max()))
     result = {"runtime": runtime, "batch_sizes": list(batch_sizes), "max_abs_diff": max(diffs), "atol": atol}
     if not result["max_abs_diff"] < atol:
         raise ParityError(
@@ -151,6 +176,11 @@ def describe(loaded: InferenceModel, onnx_file: Path, exporter: str, opset: int,
             "(albumentations.from_dict(...) rebuilds it)",
             "x = (pixel / 255 - mean) / std per channel, float32",
             "HWC -> CHW, stack into a batch",
+            *(
+                [f"nothing more: the graph applies the Shades of Gray colour constancy (p={pre.colour_constancy:g})"]
+                if pre.colour_constancy
+                else []
+            ),
         ],
         "transform": A.to_dict(loaded.transform),
         "class_names": list(model.class_names),

@@ -41,6 +41,7 @@ ACCEPTED_PREFIXES = (
     "data.pin_memory",
     "data.eval_batch_size",
 )
+ABSENT = "<absent>"  # config_changes' value for a key one side lacks
 ACCEPTED_SUFFIXES = (".dirpath", ".output_dir", ".save_dir")  # callbacks' and loggers' folders
 
 
@@ -53,15 +54,16 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: Mapping, current: Mapping) -> dict[str, tuple[Any, Any]]:
     """Every setting whose value differs (``<absent>`` where one side lacks it), by dotted key."""
     old, new = _flatten(saved), _flatten(current)
-    missing = "<absent>"
     return {
-        key: (old.get(key, missing), new.get(key, missing))
+        key: (old.get(key, ABSENT), new.get(key, ABSENT))
         for key in sorted(set(old) | set(new))
-        if old.get(key, missing) != new.get(key, missing)
+        if old.get(key, ABSENT) != new.get(key, ABSENT)
     }
 
 
 def accepted_on_resume(key: str, old: Any, new: Any) -> bool:
+    if old == ABSENT and new is None:  # a setting added since the run started, left off (null)
+        return True
     if key == "trainer.max_epochs":  # more epochs continue the run; fewer would rewrite what it did
         return isinstance(old, int) and isinstance(new, int) and new >= old
     return key.startswith(ACCEPTED_PREFIXES) or key.endswith(ACCEPTED_SUFFIXES)
