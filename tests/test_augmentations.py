@@ -171,7 +171,8 @@ def test_a_run_with_the_new_options_resumes_and_refuses_switching_them_off(tmp_p
     assert run_user(tmp_path, "python", "-m", "skinlesion.train", *USER_TINY, *options).returncode == 0
     (run,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
     last = run / "checkpoints" / "last.ckpt"
-    refused = run_user(tmp_path, "python", "-m", "skinlesion.train", f"ckpt_path={last}", "module.colour_constancy=null")
+    off = "module.colour_constancy=null"
+    refused = run_user(tmp_path, "python", "-m", "skinlesion.train", f"ckpt_path={last}", off)
     assert refused.returncode == 2 and "module.colour_constancy: 6 -> None" in refused.stderr
     resumed = run_user(tmp_path, "python", "-m", "skinlesion.train", f"ckpt_path={last}", "trainer.max_epochs=2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -182,7 +182,7 @@ class TorchvisionAugment(A.ImageOnlyTransform):
 
     def apply(self, img: np.ndarray, seed: int, **params: Any) -> np.ndarray:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed costs 0.3 ms
             out = self.op(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))
         return np.ascontiguousarray(out.permute(1, 2, 0).numpy())
 
