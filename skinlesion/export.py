@@ -3,13 +3,16 @@
     python -m skinlesion.export ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt
     python -m skinlesion.export ckpt_path=... out=models/resnet50.onnx
 
-The ONNX graph is the backbone alone. Input ``image``: float32 NCHW ``[batch, 3, S, S]`` (dynamic batch,
-``S`` = the checkpoint's image size), RGB already resized (and centre-cropped if the model was trained
-so) and normalised as ``(pixel / 255 - mean) / std``. Output ``logits``: ``[batch, classes]``; calibrated
-probabilities are ``softmax(logits / temperature)``. A model trained with metadata (``metadata=fusion``)
-has a second input ``metadata``: float32 ``[batch, width]``, encoded as the JSON's ``metadata`` entry says
-(a row of the all-missing vector where nothing is known). The JSON beside the model (same name, ``.json``)
-records all of it: size, mean, std, interpolation, crop, class names, temperature and the metadata encoding.
+The ONNX graph is the backbone alone. Input ``image``: float32 NCHW ``[batch, 3, S, S]`` (dynamic batch, ``S``
+= the checkpoint's image size), RGB already resized (and centre-cropped if the model was trained so) and
+normalised as ``(pixel / 255 - mean) / std``. A model trained with colour constancy
+(``module.colour_constancy``) takes the same input: its graph undoes the normalisation, applies the Shades of
+Gray correction exactly as training did, and normalises again before the backbone. A model trained with
+metadata (``metadata=fusion``) has a second input ``metadata``: float32 ``[batch, width]``, encoded as the
+JSON's ``metadata`` entry says (a row of the all-missing vector where nothing is known). Output ``logits``:
+``[batch, classes]``; calibrated probabilities are ``softmax(logits / temperature)``. The JSON beside the
+model (same name, ``.json``) records all of it: size, mean, std, interpolation, crop, class names,
+temperature and the metadata encoding.
 
 Before the model is published it is compared with the PyTorch model on random images of several batch
 sizes, through onnxruntime when it is installed (else onnx's reference evaluator); a maximum absolute
@@ -38,7 +41,6 @@ from omegaconf import DictConfig
 from skinlesion import cli
 from skinlesion.errors import ConfigError, SkinLesionError
 from skinlesion.inference.model import InferenceModel, required_path
-from skinlesion.models.fusion import ImageAndMetadata
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.runfolder.files import check_writable, write_json
 from skinlesion.settings import ExportSettings, check_settings
@@ -74,15 +76,45 @@ def _quiet_below_debug(*names: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
+class ImageGraph(torch.nn.Module):
+    """What the ONNX file holds for an image-only model: plainly normalised images -> logits. A model trained with
+    colour constancy applies it inside (from the de-normalised pixels), so the input contract is one whatever
+    the model was trained with."""
+
+    def __init__(self, model: SkinLesionClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def corrected(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.model.preprocessing.colour_constancy:
+            return images
+        return self.model.standardize(images * self.model.std + self.model.mean)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self.corrected(images))
+
+
+class ImageAndMetadataGraph(ImageGraph):
+    """The same for a metadata model: (images, encoded metadata) -> logits, two ONNX inputs."""
+
+    def forward(self, images: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
+        return self.model(self.corrected(images), metadata)
+
+
+def plainly_normalized(model: SkinLesionClassifier, images: torch.Tensor) -> torch.Tensor:
+    """The ONNX input of uint8 ``images``: ``(pixel / 255 - mean) / std``, no colour constancy."""
+    return (images.float() - model.mean) / model.std
+
+
 def export_onnx(model: SkinLesionClassifier, path: Path, exporter: str = "dynamo", opset: int = 18) -> None:
-    """Write the backbone (with a metadata model's second input) as ONNX with a dynamic batch dimension."""
+    """Write the model's graph (with a metadata model's second input) as ONNX with a dynamic batch dimension."""
     size = model.preprocessing.image_size
     model = model.eval().cpu()
-    network: torch.nn.Module = model.backbone
+    network: torch.nn.Module = ImageGraph(model)
     examples: tuple = (torch.zeros(2, 3, size, size),)  # batch 2: a batch of 1 would be specialised away
     inputs = [INPUT_NAME]
     if model.metadata_spec is not None:
-        network = ImageAndMetadata(model.backbone)
+        network = ImageAndMetadataGraph(model)
         examples += (model.missing_metadata(2).clone(),)
         inputs.append(METADATA_NAME)
     options: dict = {"input_names": inputs, "output_names": [OUTPUT_NAME], "opset_version": opset}
@@ -116,9 +148,9 @@ def onnx_runner(path: Path) -> tuple[str, Callable[[dict[str, np.ndarray]], np.n
 def check_parity(
     model: SkinLesionClassifier, path: Path, batch_sizes: Sequence[int] = (1, 3), atol: float = 1e-4, seed: int = 0
 ) -> dict:
-    """Maximum absolute logit difference between the ONNX file and ``model`` on random uint8 images,
-    normalised as the model normalises them (and random metadata vectors for a metadata model); raises
-    ParityError above ``atol``."""
+    """Maximum absolute logit difference between the ONNX file (fed the plainly normalised images, and random
+    metadata vectors for a metadata model) and ``model`` (fed the uint8 images, normalised by the model
+    itself); raises ParityError above ``atol``."""
     onnx.checker.check_model(str(path))
     runtime, run = onnx_runner(path)
     generator = torch.Generator().manual_seed(seed)
@@ -127,11 +159,10 @@ def check_parity(
     diffs = []
     for batch in batch_sizes:
         images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
-        inputs = model.normalize(images)
-        feeds = {INPUT_NAME: inputs}
+        feeds = {INPUT_NAME: plainly_normalized(model, images)}
         if model.metadata_spec is not None:
             feeds[METADATA_NAME] = torch.rand(batch, model.metadata_spec.width, generator=generator)
-        expected = model(*feeds.values()).float().numpy()
+        expected = model(model.normalize(images), *list(feeds.values())[1:]).float().numpy()
         diffs.append(float(np.abs(run({k: v.numpy() for k, v in feeds.items()}) - expected).max()))
     result = {"runtime": runtime, "batch_sizes": list(batch_sizes), "max_abs_diff": max(diffs), "atol": atol}
     if not result["max_abs_diff"] < atol:
@@ -184,6 +215,11 @@ def describe(loaded: InferenceModel, onnx_file: Path, exporter: str, opset: int,
             "(albumentations.from_dict(...) rebuilds it)",
             "x = (pixel / 255 - mean) / std per channel, float32",
             "HWC -> CHW, stack into a batch",
+            *(
+                [f"nothing more: the graph applies the Shades of Gray colour constancy (p={pre.colour_constancy:g})"]
+                if pre.colour_constancy
+                else []
+            ),
         ],
         "transform": A.to_dict(loaded.transform),
         "class_names": list(model.class_names),

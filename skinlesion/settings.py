@@ -19,7 +19,8 @@ from pydantic import ConfigDict, Field, Strict, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 from skinlesion.config import to_plain
-from skinlesion.data.specs import SplitSpec
+from skinlesion.data.colour_constancy import check_power
+from skinlesion.data.specs import AugmentSpec, SplitSpec
 from skinlesion.errors import ConfigError, SettingError
 from skinlesion.inference.tta import VIEW_COUNTS
 from skinlesion.runfolder.files import check_writable
@@ -66,11 +67,28 @@ class AugmentSettings:
     hue: Annotated[Number | None, Field(ge=0, le=0.5, description="a fraction of a full turn")] = None
     hflip: Annotated[bool | None, Strict()] = None
     vflip: Annotated[bool | None, Strict()] = None
+    randaugment: Annotated[Number | None, Field(ge=0, le=30, description="RandAugment's magnitude")] = None
+    trivial_augment: Annotated[bool | None, Strict()] = None
+    hair: Annotated[Number | None, Field(ge=0, le=1, description="a probability")] = None
+    erase: Annotated[Number | None, Field(ge=0, le=1, description="a probability")] = None
+    mixup: Annotated[Number | None, Field(ge=0, description="Beta's alpha")] = None
+    cutmix: Annotated[Number | None, Field(ge=0, description="Beta's alpha")] = None
+    mix_prob: Annotated[Number | None, Field(ge=0, le=1, description="a probability")] = None
+    mix_switch_prob: Annotated[Number | None, Field(ge=0, le=1, description="a probability")] = None
 
-    @field_validator("rotate", "zoom", "shift", "brightness", "contrast", "saturation", "hue", mode="before")
+    @field_validator(
+        "rotate", "zoom", "shift", "brightness", "contrast", "saturation", "hue", "randaugment", "hair", "erase",
+        "mixup", "cutmix", mode="before",
+    )  # fmt: skip
     @classmethod
     def _false_is_off(cls, value: Any) -> Any:
         return 0 if value is False else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AugmentSettings:
+        """Together, as the DataModule will check them (RandAugment and TrivialAugment are alternatives)."""
+        AugmentSpec.from_config({k: v for k, v in asdict(self).items() if v is not None})
+        return self
 
 
 @dataclass(frozen=True, kw_only=True, config=SCHEMA)
@@ -184,8 +202,19 @@ class ClinicalOverrides:
 
 
 @dataclass(frozen=True, kw_only=True, config=SCHEMA)
+class ModuleSettings:
+    colour_constancy: Annotated[Number | None, Field(description="Shades of Gray's p-norm, null = off")] = None
+
+    @field_validator("colour_constancy")
+    @classmethod
+    def _power(cls, value: float | None) -> float | None:
+        return check_power(value)
+
+
+@dataclass(frozen=True, kw_only=True, config=SCHEMA)
 class TrainSettings:
     data: DataSettings
+    module: ModuleSettings
     trainer: TrainerSettings
     optimizer: OptimizerSettings
     finetune: FinetuneSettings

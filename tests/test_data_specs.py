@@ -79,7 +79,8 @@ def test_impossible_split_settings_are_refused_with_the_setting_named(split: dic
     ("spec", "values", "message"),
     [
         (AugmentSpec, {"rotation": 90, "blur": 3}, "unknown data.augment key(s) blur, rotation; known: brightness, "
-         "contrast, hflip, hue, rotate, saturation, shift, vflip, zoom"),
+         "contrast, cutmix, erase, hair, hflip, hue, mix_prob, mix_switch_prob, mixup, randaugment, rotate, "
+         "saturation, shift, trivial_augment, vflip, zoom"),
         (SplitSpec, {"seeds": 1}, "unknown data.split key(s) seeds; known: fold, num_folds, seed, strategy, test, val"),
         (CacheSpec, {"path": "x"}, "unknown data.cache key(s) path; known: dir, enabled, size"),
         (TestSetSpec, {"root": "x", "split": "Test"}, "unknown data.test_set key(s) split; known: layout, root, "
@@ -107,7 +108,8 @@ def test_cache_false_is_short_for_cache_disabled() -> None:
 
 def test_augmentation_is_off_unless_set_and_false_or_null_is_off() -> None:
     off = AugmentSpec()
-    assert not any(getattr(off, f.name) for f in fields(AugmentSpec))
+    mixing_shares = {"mix_prob", "mix_switch_prob"}  # how mixup/CutMix mix, once one of them is on
+    assert not any(getattr(off, f.name) for f in fields(AugmentSpec) if f.name not in mixing_shares)
     assert AugmentSpec.from_config(False) == AugmentSpec.from_config({"rotate": False, "hflip": None}) == off
     typed = AugmentSpec.from_config({"rotate": 90, "hflip": 1})  # as a YAML or an old checkpoint may write them
     assert typed.rotate == 90.0 and isinstance(typed.rotate, float) and typed.hflip is True
@@ -119,7 +121,8 @@ SET = {
     SplitSpec: {"strategy": "image_stratified", "val": 0.1, "test": 0.2, "seed": 7, "num_folds": 4, "fold": 3},
     CacheSpec: {"enabled": False, "dir": "/tmp/cache", "size": 300},
     AugmentSpec: {"rotate": 45.0, "zoom": 0.2, "shift": 0.0, "brightness": 0.1, "contrast": 0.0, "hflip": True,
-                  "vflip": False, "hue": 0.02, "saturation": 0.3},
+                  "vflip": False, "hue": 0.02, "saturation": 0.3, "randaugment": 9.0, "trivial_augment": False,
+                  "hair": 0.5, "erase": 0.25, "mixup": 0.2, "cutmix": 1.0, "mix_prob": 0.8, "mix_switch_prob": 0.5},
     TestSetSpec: {"root": "/data/ISIC2018", "layout": "isic2018", "subset": "Validation"},
 }  # fmt: skip
 

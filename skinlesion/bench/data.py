@@ -1,6 +1,7 @@
 """Training DataLoader throughput: the decoded-image cache against decoding every JPEG every epoch.
 
     python -m skinlesion.bench data [--images 1500] [--epochs 3] [--workers N] [--size 224]
+    python -m skinlesion.bench data --augment erase=0.25 --augment hair=0.5 --paths cache   # an augmentation's cost
 
 Both paths run the project's own training DataLoader (same split, batch size, worker count and the
 full training augmentation of conf/data/ham10000.yaml at ``--size`` px) over 600x450 JPEGs from
@@ -9,6 +10,7 @@ the memory-mapped cache; path (b) (``data.cache.enabled=false``) decodes each fi
 it to the cache size every epoch. One untimed warm-up epoch starts the persistent workers and warms the
 OS page cache for both, so (b) is measured at its best, reading from RAM. Besides wall-clock images/s
 it reports images per CPU-second of the worker processes, which a busy shared machine distorts less.
+``--augment KEY=VALUE`` adds or changes a ``data.augment`` setting on top of that default (repeatable).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import timm
+import yaml
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
@@ -33,6 +36,20 @@ def default_augment() -> dict:
     return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / "ham10000.yaml").augment)
 
 
+PATHS = {"cache": True, "plain": False}  # path -> data.cache.enabled
+
+
+def augment_settings(pairs: list[str]) -> dict:
+    """The default augmentation with each ``KEY=VALUE`` of ``--augment`` set (values read as YAML)."""
+    settings = default_augment()
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--augment {pair}: expected KEY=VALUE, e.g. --augment erase=0.25")
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m skinlesion.bench data", description=__doc__)
     parser.add_argument("--images", type=int, default=1500, help="synthetic 600x450 JPEGs (about 71%% are train)")
@@ -42,6 +59,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=224, help="training image size")
     parser.add_argument("--model", default="resnet50.a1_in1k", help="timm model whose preprocessing is used")
     parser.add_argument("--data-dir", default="data/cache/bench", help="where the JPEGs and the cache go")
+    parser.add_argument(
+        "--augment", action="append", default=[], metavar="KEY=VALUE", help="a data.augment setting over the default"
+    )
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="which paths to time")
     args, _ = parser.parse_known_args(argv)
     return args
 
@@ -92,13 +113,14 @@ def run(args: argparse.Namespace) -> dict:
         "workers": args.workers,
         "batch_size": args.batch_size,
         "epochs": args.epochs,
+        "augment": augment_settings(args.augment),
     }
-    for name, enabled in (("cache", True), ("plain", False)):
+    for name in args.paths:
         datamodule = SkinLesionDataModule(
             str(root),
             layout="ham10000",
-            augment=default_augment(),
-            cache={"enabled": enabled, "dir": str(data_dir / "image-cache")},
+            augment=results["augment"],
+            cache={"enabled": PATHS[name], "dir": str(data_dir / "image-cache")},
             batch_size=args.batch_size,
             num_workers=args.workers,
             preprocessing=pre,
@@ -115,8 +137,9 @@ def run(args: argparse.Namespace) -> dict:
             f"({args.workers} workers, {measured['images']} images in {args.epochs} epochs); "
             f"{measured['images_per_worker_cpu_s']} images per worker CPU-second"
         )
-    results["ratio"] = round(results["cache"]["images_per_s"] / results["plain"]["images_per_s"], 2)
-    print(f"cache / plain: {results['ratio']:.2f}x")
+    if len(args.paths) == len(PATHS):
+        results["ratio"] = round(results["cache"]["images_per_s"] / results["plain"]["images_per_s"], 2)
+        print(f"cache / plain: {results['ratio']:.2f}x")
     return results
 
 

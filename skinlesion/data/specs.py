@@ -163,12 +163,23 @@ class AugmentSpec(_Spec):
     vflip: bool = False
     hue: float = 0.0  # +- this fraction of a full turn
     saturation: float = 0.0  # factor 1+-x
+    # The ISIC leaders' augmentations (left out of conf/data/*.yaml: off unless set on the command line).
+    randaugment: float = 0.0  # magnitude (1-30; 9 = torchvision's default) of RandAugment, 2 ops per image
+    trivial_augment: bool = False  # TrivialAugmentWide: one op per image at a random magnitude
+    hair: float = 0.0  # probability of drawing 1-6 thin dark hair-like curves on an image
+    erase: float = 0.0  # probability of erasing one random rectangle with noise (timm's RandomErasing)
+    mixup: float = 0.0  # alpha of mixup's Beta(alpha, alpha), batches mixed on the device (timm's Mixup)
+    cutmix: float = 0.0  # alpha of CutMix's Beta(alpha, alpha)
+    mix_prob: float = 1.0  # with mixup or cutmix on: the share of batches mixed
+    mix_switch_prob: float = 0.5  # with both on: the share of mixed batches that get CutMix rather than mixup
 
     def __post_init__(self) -> None:
         """Switches as booleans and amounts as floats, whatever the YAML or an old checkpoint wrote (false = 0)."""
         for switch in fields(self):
             value = getattr(self, switch.name)
             object.__setattr__(self, switch.name, bool(value) if isinstance(switch.default, bool) else float(value or 0))
+        if self.randaugment and self.trivial_augment:  # the ranges are checked by skinlesion.settings
+            raise ConfigError("data.augment: randaugment and trivial_augment are alternatives; set only one of them")
 
     @classmethod
     def from_config(cls, values: Mapping | bool | AugmentSpec | None) -> AugmentSpec:

@@ -58,14 +58,3 @@ def fused_logits(backbone: nn.Module, images: torch.Tensor, metadata: torch.Tens
     """Logits of a backbone carrying a fusion head, for normalised images and encoded metadata."""
     features = backbone.forward_head(backbone.forward_features(images), pre_logits=True)
     return backbone.get_classifier()(features, metadata)
-
-
-class ImageAndMetadata(nn.Module):
-    """The fusion model as one module of two inputs (image, metadata): what ONNX export traces."""
-
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, image: torch.Tensor, metadata: torch.Tensor) -> torch.Tensor:
-        return fused_logits(self.backbone, image, metadata)

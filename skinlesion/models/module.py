@@ -5,6 +5,11 @@ loss with the DataModule's class weights (kept as a buffer, so they are in every
 ``split/metric`` values, and keeps each evaluation epoch's predictions (with logits) until the caller
 takes them (:meth:`SkinLesionClassifier.take_predictions`), so that the run artifacts, the temperature
 fit and the Grad-CAM gallery need no second pass over the data.
+
+Two options of the ISIC leaders act here too: the Shades of Gray colour constancy (``colour_constancy``, in
+``preprocessing``) runs inside :meth:`normalize`, before mean/std, so every command applies it; mixup/CutMix
+(``data.augment``, read from the DataModule as the class weights are) mixes training batches on the device
+(:mod:`skinlesion.models.mixing`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from hydra.utils import instantiate
 
 from skinlesion.config import to_plain
+from skinlesion.data.colour_constancy import shades_of_gray
 from skinlesion.data.metadata import MetadataSpec
 from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.errors import ConfigError, TrainingDivergedError
@@ -26,6 +32,7 @@ from skinlesion.labels import CLASSES
 from skinlesion.models.backbone import BackboneSpec, create_backbone, get_module, resolve_blocks
 from skinlesion.models.fusion import attach_fusion_head, fused_logits
 from skinlesion.models.metrics import classification_metrics, probability_metrics
+from skinlesion.models.mixing import BatchMixer
 from skinlesion.models.optim import param_groups, rename_saved_groups
 
 log = logging.getLogger(__name__)
@@ -48,8 +55,11 @@ class SkinLesionClassifier(L.LightningModule):
         class_names: Sequence[str] = CLASSES,
         preprocessing: Mapping | None = None,
         metadata: Mapping | None = None,
+        colour_constancy: float | None = None,
     ) -> None:
-        """``metadata``: the metadata fusion option's settings (:class:`MetadataSpec`; None = image only)."""
+        """``metadata``: the metadata fusion option's settings (:class:`MetadataSpec`; None = image only).
+        ``colour_constancy``: Shades of Gray's p (null = off) for a new model; a saved ``preprocessing`` (a
+        checkpoint's) carries its own."""
         super().__init__()
         model, optimizer, scheduler, loss, compile = (to_plain(v) for v in (model, optimizer, scheduler, loss, compile))
         self.spec = BackboneSpec.from_config(model)
@@ -66,7 +76,7 @@ class SkinLesionClassifier(L.LightningModule):
         self.preprocessing = (
             Preprocessing.from_dict(preprocessing)
             if preprocessing
-            else Preprocessing.from_model(self.backbone, image_size)
+            else Preprocessing.from_model(self.backbone, image_size, colour_constancy)
         )
         if self.preprocessing.image_size < self.spec.min_input_size:
             raise ConfigError(
@@ -97,6 +107,7 @@ class SkinLesionClassifier(L.LightningModule):
         self.register_buffer("use_class_weights", torch.tensor(False))
         self.register_buffer("temperature", torch.ones(()))  # set by calibration after training
         self.train_metrics = classification_metrics("train", self.class_names, full=False)
+        self.mixer: BatchMixer | None = None  # set from the DataModule's data.augment when fitting
         self._predictions: dict[str, SplitPredictions] = {}  # the last evaluation epoch's, per split
         self._collected: dict[str, list] = {}
         # Set after training: the validation predictions the clinical thresholds are fitted on (a plain dict,
@@ -136,10 +147,16 @@ class SkinLesionClassifier(L.LightningModule):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW on the device -> normalised float, in the backbone's layout."""
         if images.dtype == torch.uint8:
-            images = (images.float() - self.mean) / self.std
+            images = self.standardize(images.float())
         if self.uses_channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
+
+    def standardize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Float NCHW pixels in 0..255 -> the backbone's input: colour constancy if set, then mean/std."""
+        if self.preprocessing.colour_constancy:
+            pixels = shades_of_gray(pixels, self.preprocessing.colour_constancy)
+        return (pixels - self.mean) / self.std
 
     def forward(self, images: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for normalised float images and, for a metadata model, their encoded metadata (None: every
@@ -170,6 +187,7 @@ class SkinLesionClassifier(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "class_weights"):
             self.set_class_weights(datamodule.class_weights)
+            self.mixer = BatchMixer.from_spec(datamodule.augment_spec, len(self.class_names))
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         batch["image"] = self.normalize(batch["image"])
@@ -180,14 +198,19 @@ class SkinLesionClassifier(L.LightningModule):
         return self.criterion(logits, target, weight)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"], batch.get("metadata"))
-        loss = self._loss(logits, batch["label"])
+        images, labels, target = batch["image"], batch["label"], batch["label"]
+        if self.mixer is not None:  # train metrics then score each mixed image's dominant label
+            images, target = self.mixer(images, labels)
+            labels = target.argmax(dim=1)
+        # Mixed images keep their own metadata: timm mixes image i with image n-1-i, the metadata is not mixed.
+        logits = self(images, batch.get("metadata"))
+        loss = self._loss(logits, target)
         # Synced (once, at the epoch's end): every DDP rank logs and checks the same mean loss.
         self.log(
             "train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(logits), sync_dist=True
         )
         # update, not forward: no per-batch values are needed, Lightning computes the epoch's at its end.
-        self.train_metrics.update(logits.detach(), batch["label"])  # top-1 metrics: argmax of the logits
+        self.train_metrics.update(logits.detach(), labels)  # top-1 metrics: argmax of the logits
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 

@@ -41,6 +41,7 @@ ACCEPTED_PREFIXES = (
     "data.pin_memory",
     "data.eval_batch_size",
 )
+ABSENT = "<absent>"  # config_changes' value for a key one side lacks
 ACCEPTED_SUFFIXES = (".dirpath", ".output_dir", ".save_dir")  # callbacks' and loggers' folders
 ABSENT = "<absent>"
 # Options added after runs were saved: a config.yaml from before one lacks its keys, and the run resumes
@@ -79,6 +80,8 @@ def added_and_off(key: str, old: Any, current: Mapping) -> bool:
 
 
 def accepted_on_resume(key: str, old: Any, new: Any) -> bool:
+    if old == ABSENT and new is None:  # a setting added since the run started, left off (null)
+        return True
     if key == "trainer.max_epochs":  # more epochs continue the run; fewer would rewrite what it did
         return isinstance(old, int) and isinstance(new, int) and new >= old
     return key.startswith(ACCEPTED_PREFIXES) or key.endswith(ACCEPTED_SUFFIXES)
