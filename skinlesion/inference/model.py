@@ -23,7 +23,7 @@ from skinlesion.data.layouts import load_records
 from skinlesion.data.specs import CacheSpec
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import ConfigError, DataError
-from skinlesion.inference.tta import predict_proba_tta
+from skinlesion.inference.tta import ViewPlan, predict_proba_tta
 from skinlesion.models.module import CLINICAL_KEY, SkinLesionClassifier
 from skinlesion.runfolder.checkpoints import classifier_from_checkpoint, read_checkpoint
 
@@ -122,8 +122,11 @@ class InferenceModel:
         square = load_resized(path, self.source_size, pre.cv2_interpolation, self.max_pixels)
         return to_chw_tensor(self.transform(image=square)["image"])
 
-    def predict_proba(self, images: torch.Tensor, tta_views: int = 1, calibrated: bool = True) -> torch.Tensor:
-        """Class probabilities of uint8 NCHW ``images`` (temperature-scaled unless ``calibrated=False``)."""
+    def predict_proba(
+        self, images: torch.Tensor, tta_views: ViewPlan | int = 1, calibrated: bool = True
+    ) -> torch.Tensor:
+        """Class probabilities of uint8 NCHW ``images`` (temperature-scaled unless ``calibrated=False``), averaged
+        over the ``tta_views``."""
         probs = predict_proba_tta(self.model, images.to(self.model.device), views=tta_views, calibrated=calibrated)
         return probs.float().cpu()
 
