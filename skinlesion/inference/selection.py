@@ -5,7 +5,7 @@ only and then applied unchanged to the scored split, so no test label can steer 
 selection adds, round after round, the member (repeats allowed) whose addition gives the averaged
 probabilities the best validation score, and keeps the best prefix of that sequence: the members'
 weights are how often each was picked in it, divided by its length. Stacking fits a multinomial
-logistic regression on the members' log-probabilities, with balanced class weights and its
+logistic regression on the members' standardised log-probabilities, with balanced class weights and its
 regularisation chosen by cross-validation over the validation lesions (a lesion's photos stay in one
 fold). Its probabilities are the regression's, fitted on balanced classes: they are no longer the
 members' temperature-calibrated ones.
@@ -22,13 +22,15 @@ import numpy as np
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from skinlesion.inference.predictions import SplitPredictions
 
 log = logging.getLogger(__name__)
 
 MEAN, GREEDY, STACKING = "mean", "greedy", "stacking"
-STACKING_CS = tuple(float(c) for c in np.logspace(-4, 4, 17))  # inverse regularisation strengths tried
+STACKING_CS = tuple(float(c) for c in np.logspace(-3, 3, 13))  # inverse regularisation strengths tried
 STACKING_SCORING = "neg_log_loss"
 SEED = 0  # the stacking folds' shuffle
 LOG_FLOOR = 1e-12  # a probability of 0 would give an infinite log
@@ -105,7 +107,7 @@ def log_probability_features(predictions: Mapping[str, SplitPredictions], names:
 class Stacker:
     """A multinomial logistic regression on the members' log-probabilities, fitted on validation."""
 
-    model: LogisticRegressionCV
+    model: Pipeline  # standardised features, then the regression
     members: tuple[str, ...]
     n_classes: int
     details: dict
@@ -122,19 +124,24 @@ class Stacker:
         with warnings.catch_warnings():  # a class with fewer lesions than folds: sklearn warns, the folds still hold
             warnings.simplefilter("ignore", UserWarning)
             cv = list(splitter.split(features, labels, np.asarray(groups, dtype=str)))
-            model = LogisticRegressionCV(
-                Cs=list(STACKING_CS),
-                cv=cv,
-                l1_ratios=(0.0,),  # an L2 penalty
-                class_weight="balanced",
-                scoring=STACKING_SCORING,
-                max_iter=5000,
-                use_legacy_attributes=False,
+            # Standardised: near-collinear members' raw log-probabilities take lbfgs thousands of iterations.
+            model = make_pipeline(
+                StandardScaler(),
+                LogisticRegressionCV(
+                    Cs=list(STACKING_CS),
+                    cv=cv,
+                    l1_ratios=(0.0,),  # an L2 penalty
+                    class_weight="balanced",
+                    scoring=STACKING_SCORING,
+                    max_iter=1000,
+                    use_legacy_attributes=False,
+                ),
             ).fit(features, labels)
         details = {
-            "model": "sklearn LogisticRegressionCV (multinomial, L2, lbfgs) on the members' log-probabilities",
+            "model": "sklearn StandardScaler + LogisticRegressionCV (multinomial, L2, lbfgs) on the members' "
+            "log-probabilities",
             "class_weight": "balanced",
-            "C": float(np.ravel(model.C_)[0]),
+            "C": float(np.ravel(model[-1].C_)[0]),
             "Cs": list(STACKING_CS),
             "cv_scoring": STACKING_SCORING,
             "cv_folds": folds,
