@@ -280,6 +280,8 @@ def evaluate(cfg: DictConfig) -> RunSummary:
     out_dir = Path(cfg.paths.output_dir)
     write_resolved_config(cfg, out_dir)
     members = load_members(cfg)
+    if len(members) == 1 and cfg.ensemble_method != MEAN:
+        raise ConfigError(f"ensemble_method={cfg.ensemble_method} needs two or more members; {cfg.ensemble} has one")
     first = next(iter(members.values()))
     settings = data_settings(cfg, first.data)
     split = cfg.split
@@ -292,8 +294,6 @@ def evaluate(cfg: DictConfig) -> RunSummary:
     if len(members) > 1:  # every member scored the same records, in the same order
         combined, selection = _combine(cfg, members, device, views, results, records)
         results = {ENSEMBLE: combined, **results}
-    elif cfg.ensemble_method != MEAN:
-        raise ConfigError(f"ensemble_method={cfg.ensemble_method} needs two or more members; {cfg.ensemble} has one")
     headline = next(iter(results.values()))  # the ensemble's, or the single model's
     intervals = split_interval_method(headline.records_of(records))
     scores = _write_scores(out_dir, split, results, records, first.classes, intervals)
