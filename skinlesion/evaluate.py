@@ -2,14 +2,15 @@
 
     python -m skinlesion.evaluate ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt [split=val]
     python -m skinlesion.evaluate ckpt_path=... data=isic2018 data.subset=Test tta=true
-    python -m skinlesion.evaluate ensemble=outputs/train/multiruns/<sweep>
+    python -m skinlesion.evaluate ensemble=outputs/train/multiruns/<sweep> [ensemble_method=greedy|stacking]
 
 The data settings are read from the checkpoint (every checkpoint carries its DataModule's), so ``val`` and
 ``test`` are exactly the run's own splits and the test metrics logged at the end of training are
 reproduced. Each model sees the images through its own preprocessing (input size, interpolation,
 normalisation), so an ensemble may mix backbones of different input sizes; members' probabilities are
-aligned by record before they are averaged. :func:`evaluate` is the plain function; ``main`` is the thin
-Hydra wrapper.
+aligned by record before they are averaged (``ensemble_method=mean``), or combined as greedy selection or
+stacking chose on the validation split (:mod:`skinlesion.inference.selection`). :func:`evaluate` is the
+plain function; ``main`` is the thin Hydra wrapper.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from skinlesion import cli
@@ -28,8 +30,9 @@ from skinlesion.errors import CheckpointError, ConfigError
 from skinlesion.inference.ensemble import ENSEMBLE, ensemble_checkpoints, member_names
 from skinlesion.inference.model import InferenceModel, resolve_device
 from skinlesion.inference.predictions import SplitPredictions
+from skinlesion.inference.selection import MEAN, STACKING, Stacker, greedy_selection, plain_mean
 from skinlesion.inference.split import SCORED_SPLITS, predict_members
-from skinlesion.inference.tta import tta_views
+from skinlesion.inference.tta import ViewPlan, view_plan
 from skinlesion.models.metrics import HEADLINE_METRICS
 from skinlesion.plots import plot_roc_grid
 from skinlesion.runfolder.files import write_resolved_config
@@ -88,10 +91,10 @@ def data_settings(cfg: DictConfig, trained_with: dict) -> dict:
     return settings | {k: data[k] for k in LOADER_SETTINGS if k in data} | {"test_set": chosen}
 
 
-def _check_settings(cfg: DictConfig) -> int:
+def _check_settings(cfg: DictConfig) -> ViewPlan:
     if cfg.split not in SCORED_SPLITS:
         raise ConfigError(f"split={cfg.split} is not valid; choose one of {', '.join(SCORED_SPLITS)}")
-    views = tta_views(cfg.tta, cfg.tta_views)
+    views = view_plan(cfg.tta, cfg.tta_views, cfg.tta_crops, cfg.tta_scales)
     if "_target_" in cfg.data and cfg.split != "test":
         raise ConfigError(f"data=<dataset> is evaluated as the test split; drop split={cfg.split}")
     if cfg.split_from == "file" and ("_target_" in cfg.data or (cfg.split == "test" and cfg.data.test_set.root)):
@@ -103,6 +106,8 @@ def _check_settings(cfg: DictConfig) -> int:
             "nothing to evaluate: pass ckpt_path=<run>/checkpoints/best.ckpt, or ensemble=[ckpt,...] or "
             "ensemble=<multirun folder>"
         )
+    if cfg.ensemble_method != MEAN and not cfg.ensemble:
+        raise ConfigError(f"ensemble_method={cfg.ensemble_method} combines the members of ensemble=[...]; drop it")
     return views
 
 
@@ -131,6 +136,56 @@ def _check_same_split(members: dict[str, InferenceModel], settings: dict, split:
             f"the ensemble members were trained on different splits ({detail}): their val/test images include "
             "images other members trained on. Evaluate them on an external set (data.test_set.root=...) instead"
         )
+
+
+# ---- combining an ensemble ---------------------------------------------------------------------------
+OPTIMISTIC = (
+    "split=val with a selection method: the members were combined on these very validation images, so the "
+    "ensemble's val scores are optimistic; score split=test (or an external set) for an honest estimate"
+)
+
+
+def validation_settings(cfg: DictConfig, trained_with: dict) -> dict:
+    """The run's own data, for the validation split an ensemble is combined on: ``data=<dataset>`` and
+    ``data.test_set`` name only the scored test set."""
+    if "_target_" in cfg.data:
+        return dict(trained_with)
+    return data_settings(cfg, trained_with) | {"test_set": trained_with.get("test_set")}
+
+
+def _combine(
+    cfg: DictConfig,
+    members: dict[str, InferenceModel],
+    device: torch.device,
+    views: ViewPlan,
+    results: dict[str, SplitPredictions],
+    records: pd.DataFrame,
+) -> tuple[SplitPredictions, dict]:
+    """The ensemble's predictions of the scored split, and how they were combined (for ``metrics.json``).
+    Greedy selection and stacking see the validation predictions only, never the scored split's labels."""
+    if cfg.ensemble_method == MEAN:
+        rule = plain_mean(list(results))
+        return rule.combine(results), rule.to_dict()
+    if cfg.split == "val":
+        val, val_records = results, records
+        log.warning(OPTIMISTIC)
+    else:  # the same views and calibration as the scored split, so the weights fit what they are applied to
+        settings = validation_settings(cfg, next(iter(members.values())).data)
+        _check_same_split(members, settings, "val")
+        val, val_records, _ = predict_members(members, settings, "val", device, views, cfg.calibrated, cfg.split_from)
+    selection = cfg.ensemble_selection
+    if cfg.ensemble_method == STACKING:
+        rows = next(iter(val.values())).records_of(val_records)
+        grouped = bool(rows["lesion_known"].all()) if "lesion_known" in rows else True
+        rule = Stacker.fit(val, list(rows["lesion_id"]), selection.folds, grouped)
+    else:
+        rule = greedy_selection(val, selection.rounds, selection.metric)
+    record = rule.to_dict() | {"selected_on": "val", "selection_images": len(next(iter(val.values())))}
+    if cfg.split == "val":
+        record["note"] = OPTIMISTIC
+    shown = {k: v for k, v in record.items() if k != "path"}
+    log.info("ensemble_method=%s, chosen on the validation split: %s", cfg.ensemble_method, shown)
+    return rule.combine(results), record
 
 
 # ---- the entry point ---------------------------------------------------------------------------------
@@ -188,6 +243,7 @@ def _clinical(
     headline: SplitPredictions,
     records: pd.DataFrame,
     external: bool,
+    views: ViewPlan,
 ) -> tuple[dict, dict]:
     """The clinical evaluation of the scored split, with thresholds refitted on the validation predictions
     the checkpoint stores, for ``clinical.*`` (null: as trained); why not, where they cannot apply."""
@@ -210,8 +266,8 @@ def _clinical(
     if reason is not None:
         log.warning("no operating points, conformal sets or abstention on %s: %s", cfg.split, reason)
         notes.insert(0, reason)
-    elif cfg.tta:
-        notes.insert(0, "tta=true: the thresholds were fitted on single-view validation probabilities")
+    elif views.count > 1:
+        notes.insert(0, "tta: the thresholds were fitted on single-view validation probabilities")
     if reason is None:
         notes.append("no out-of-distribution share: evaluate keeps probabilities, not logits (training reports it)")
     return metrics, clinical
@@ -224,6 +280,8 @@ def evaluate(cfg: DictConfig) -> RunSummary:
     out_dir = Path(cfg.paths.output_dir)
     write_resolved_config(cfg, out_dir)
     members = load_members(cfg)
+    if len(members) == 1 and cfg.ensemble_method != MEAN:
+        raise ConfigError(f"ensemble_method={cfg.ensemble_method} needs two or more members; {cfg.ensemble} has one")
     first = next(iter(members.values()))
     settings = data_settings(cfg, first.data)
     split = cfg.split
@@ -232,13 +290,15 @@ def evaluate(cfg: DictConfig) -> RunSummary:
     results, records, split_check = predict_members(
         members, settings, split, device, views, cfg.calibrated, cfg.split_from
     )
+    selection = {}
     if len(members) > 1:  # every member scored the same records, in the same order
-        results = {ENSEMBLE: SplitPredictions.average(list(results.values())), **results}
+        combined, selection = _combine(cfg, members, device, views, results, records)
+        results = {ENSEMBLE: combined, **results}
     headline = next(iter(results.values()))  # the ensemble's, or the single model's
     intervals = split_interval_method(headline.records_of(records))
     scores = _write_scores(out_dir, split, results, records, first.classes, intervals)
     external = settings.get("test_set") if split == "test" else None
-    clinical_metrics, clinical = _clinical(cfg, out_dir, members, headline, records, bool(external))
+    clinical_metrics, clinical = _clinical(cfg, out_dir, members, headline, records, bool(external), views)
     summary = RunSummary(
         task=EVALUATE,
         status=COMPLETED,
@@ -250,9 +310,11 @@ def evaluate(cfg: DictConfig) -> RunSummary:
         dataset=external or {k: settings.get(k) for k in ("root", "layout", "subset", "split")},
         images=len(headline),
         split_check=split_check,  # how the images were matched to the runs' split.csv
-        tta_views=views,
+        tta_views=views.count,
+        tta=views.to_dict(),  # flips/rotations x (crops per scale above 1, or the image at scale 1)
         calibrated=bool(cfg.calibrated),
         ensemble=len(members) > 1,
+        ensemble_selection=selection,
         members={
             name: {
                 "checkpoint": str(m.path),

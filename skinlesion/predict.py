@@ -10,8 +10,8 @@ empty with one warning for a checkpoint that stores none), and ``error``, which 
 be read (its other columns are then empty): a bad file never stops the batch. Probabilities are
 temperature-scaled with the temperature fitted on the validation split after training
 (``calibrated=false`` for the raw softmax); ``tta=true`` averages them over flips and 90-degree
-rotations. An existing output file is never replaced. :func:`predict` is the plain function; ``main``
-is the thin Hydra wrapper.
+rotations, ``tta_crops``/``tta_scales`` over ordered crops of the image enlarged. An existing output file
+is never replaced. :func:`predict` is the plain function; ``main`` is the thin Hydra wrapper.
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from skinlesion.errors import ConfigError
 from skinlesion.inference.model import InferenceModel, list_images, required_path
 from skinlesion.inference.predictions import PROB_PREFIX, probabilities
 from skinlesion.inference.topk import decision
-from skinlesion.inference.tta import tta_views
+from skinlesion.inference.tta import ViewPlan, view_plan
 from skinlesion.runfolder.files import atomic_write, check_writable, write_json
 from skinlesion.settings import PredictSettings, check_settings
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.csv"
+NO_TTA = ViewPlan()  # each image once, as it is
 SHOWN_ROWS = 20  # printed to the terminal; the CSV has them all
 USAGE = "python -m skinlesion.predict ckpt_path=<run>/checkpoints/best.ckpt input=FILE_OR_FOLDER"
 
@@ -66,19 +67,19 @@ def _rows(model: InferenceModel, paths: list[Path], probs: torch.Tensor, decisio
 
 
 def _probabilities(
-    model: InferenceModel, images: torch.Tensor, tta_views: int, calibrated: bool, metadata: torch.Tensor | None
+    model: InferenceModel, images: torch.Tensor, views: ViewPlan, calibrated: bool, metadata: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities and the identity view's raw logits (the OOD score's), in one pass without TTA."""
     logits = model.logits(images, metadata)
-    if tta_views > 1:
-        return model.predict_proba(images, tta_views, calibrated, metadata), logits
+    if views.count > 1:
+        return model.predict_proba(images, views, calibrated, metadata), logits
     return probabilities(logits, model.model.temperature.cpu() if calibrated else 1.0), logits
 
 
 def predict_files(
     model: InferenceModel,
     paths: list[Path],
-    tta_views: int = 1,
+    views: ViewPlan = NO_TTA,
     calibrated: bool = True,
     batch_size: int = 32,
     thresholds: Thresholds | None = None,
@@ -86,7 +87,7 @@ def predict_files(
 ) -> pd.DataFrame:
     """One row per path, in order; an unreadable file gets its reason in ``error`` and no probabilities.
     ``thresholds``: the clinical decisions' (None: those columns empty), always applied to the single-view,
-    temperature-scaled probabilities they were fitted on, whatever ``tta_views`` and ``calibrated`` say of the
+    temperature-scaled probabilities they were fitted on, whatever ``views`` and ``calibrated`` say of the
     ``prob_*`` columns. ``metadata``: a metadata model's table of the files (:meth:`InferenceModel.metadata_table`;
     a file not in it, or no table: every field missing)."""
     rows = []
@@ -102,7 +103,7 @@ def predict_files(
         predicted = {}
         if inputs:
             encoded = model.metadata_for(readable, metadata)
-            probs, logits = _probabilities(model, torch.stack(inputs), tta_views, calibrated, encoded)
+            probs, logits = _probabilities(model, torch.stack(inputs), views, calibrated, encoded)
             decided = None
             if thresholds is not None:  # on the scale they were fitted on: one view, temperature-scaled
                 fitted_scale = probabilities(logits, model.model.temperature.cpu()).numpy()
@@ -145,7 +146,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = required_path(cfg.ckpt_path, "ckpt_path", USAGE)
     source = required_path(cfg.input, "input", USAGE)
-    views = tta_views(cfg.tta, cfg.tta_views)
+    views = view_plan(cfg.tta, cfg.tta_views, cfg.tta_crops, cfg.tta_scales)
     target = output_path(cfg.out, run_dir)
     paths = list_images(source)
     model = InferenceModel.load(ckpt_path, cfg.device)
@@ -165,7 +166,8 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
             "failed": failed,
             "calibrated": bool(cfg.calibrated),
             "temperature": float(model.model.temperature),  # applied only when calibrated
-            "tta_views": views,
+            "tta_views": views.count,
+            "tta": views.to_dict(),  # flips/rotations x (crops per scale above 1, or the image at scale 1)
             "metadata": _metadata_summary(model, metadata, paths, cfg.metadata_csv),
             "class_counts": frame["pred"].value_counts().to_dict(),
             "clinical": thresholds.to_dict() if thresholds is not None else None,

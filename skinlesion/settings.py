@@ -30,6 +30,10 @@ Whole = Annotated[int, Strict()]  # no floats (2.5), strings or booleans where a
 Number = Annotated[float, Strict()]  # an int is a number too
 Fraction = Annotated[Number, Field(gt=0, lt=1)]
 TtaViews = Literal[VIEW_COUNTS[1:]]
+TtaCrops = Annotated[Whole, Field(ge=1, description="1, 5 (corners + centre) or a square number")]
+TtaScales = Annotated[
+    list[Annotated[Number, Field(ge=1)]], Field(min_length=1, description="factors of the input size, each >= 1")
+]
 Schema = TypeVar("Schema")
 
 
@@ -228,9 +232,20 @@ class TrainSettings:
 
 
 @dataclass(frozen=True, kw_only=True, config=SCHEMA)
+class EnsembleSelectionSettings:
+    rounds: Annotated[Whole, Field(ge=1, description="greedy: members added, repetition allowed")]
+    metric: Literal["balanced_acc", "nll"]
+    folds: Annotated[Whole, Field(ge=2, description="stacking: cross-validation folds on the validation split")]
+
+
+@dataclass(frozen=True, kw_only=True, config=SCHEMA)
 class EvaluateSettings:
     data: LoaderSettings
     tta_views: TtaViews
+    tta_crops: TtaCrops
+    tta_scales: TtaScales
+    ensemble_method: Literal["mean", "greedy", "stacking"]
+    ensemble_selection: EnsembleSelectionSettings
     split_from: Literal["data", "file"]
     clinical: ClinicalOverrides
 
@@ -239,6 +254,8 @@ class EvaluateSettings:
 class PredictSettings:
     batch_size: Annotated[Whole, Field(ge=1)]
     tta_views: TtaViews
+    tta_crops: TtaCrops
+    tta_scales: TtaScales
     clinical: ClinicalOverrides
 
 

@@ -13,11 +13,13 @@ import torch
 
 from skinlesion.errors import ConfigError
 from skinlesion.evaluate import evaluate
+from skinlesion.inference import split as split_module
 from skinlesion.inference.ensemble import ensemble_checkpoints, member_names
+from skinlesion.inference.predictions import SplitPredictions
 from skinlesion.labels import CLASSES
 from skinlesion.runfolder.summary import COMPLETED, FAILED, TRAIN, RunSummary
 
-from conftest import compose_config
+from conftest import compose_config, run_cli
 
 PROBS = [f"prob_{c}" for c in CLASSES]
 
@@ -123,3 +125,65 @@ def test_members_trained_on_different_splits_are_refused(members: tuple[Path, Pa
         run_evaluate(tmp_path, f"ensemble=[{first},{other}]")
     with pytest.raises(ConfigError, match="either ckpt_path"):
         run_evaluate(tmp_path, f"ckpt_path={first}", f"ensemble=[{first}]")
+
+
+@pytest.mark.parametrize("method", ["greedy", "stacking"])
+def test_selection_is_fitted_on_validation_and_never_sees_the_scored_labels(
+    members: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    first, second = members
+    args = [f"ensemble=[{first},{second}]", f"ensemble_method={method}"]
+    clean = run_evaluate(tmp_path / "clean", *args)
+    selection = clean.ensemble_selection
+    assert selection["method"] == method and selection["selected_on"] == "val" and "note" not in selection
+    val_images = len(pd.read_csv(first.parent.parent / "predictions_val.csv"))
+    assert selection["selection_images"] == val_images
+    if method == "greedy":  # the validation weights, applied to the test members' probabilities
+        assert sum(selection["weights"].values()) == pytest.approx(1.0)
+        out = tmp_path / "clean"
+        ensemble = pd.read_csv(out / "predictions_test.csv")[PROBS].to_numpy()
+        weighted = sum(
+            weight * pd.read_csv(out / "members" / name / "predictions_test.csv")[PROBS].to_numpy()
+            for name, weight in selection["weights"].items()
+        )
+        np.testing.assert_allclose(ensemble, weighted, atol=1e-6)
+
+    real = split_module.predict_split
+
+    def with_wrong_test_labels(model, datamodule, split: str, *rest) -> SplitPredictions:
+        result = real(model, datamodule, split, *rest)
+        if split != "test":
+            return result
+        return SplitPredictions(result.probs, (result.labels + 1) % len(CLASSES), result.indices)
+
+    monkeypatch.setattr(split_module, "predict_split", with_wrong_test_labels)
+    poisoned = run_evaluate(tmp_path / "poisoned", *args)
+    assert poisoned.ensemble_selection == selection
+    before, after = (pd.read_csv(tmp_path / name / "predictions_test.csv") for name in ("clean", "poisoned"))
+    assert (before["true"] != after["true"]).all()  # the poison reached the scored split ...
+    np.testing.assert_array_equal(after[PROBS].to_numpy(), before[PROBS].to_numpy())  # ... and changed nothing
+
+
+def test_selection_scored_on_its_own_validation_split_says_it_is_optimistic(
+    members: tuple[Path, Path], tmp_path: Path
+) -> None:
+    first, second = members
+    result = run_evaluate(tmp_path, f"ensemble=[{first},{second}]", "ensemble_method=greedy", "split=val")
+    assert "optimistic" in result.ensemble_selection["note"]
+    assert result.ensemble_selection["selection_images"] == result.images
+    with pytest.raises(ConfigError, match="ensemble_method=greedy combines the members"):
+        run_evaluate(tmp_path, f"ckpt_path={first}", "ensemble_method=greedy")
+
+
+def test_evaluate_command_with_greedy_selection_records_members_and_weights(
+    members: tuple[Path, Path], tmp_path: Path
+) -> None:
+    first, second = members
+    args = [f"ensemble=[{first},{second}]", "ensemble_method=greedy", "clinical.figures=false", "device=cpu"]
+    result = run_cli(tmp_path, "skinlesion.evaluate", *args, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (metrics,) = (tmp_path / "outputs" / "evaluate" / "runs").glob("*/metrics.json")
+    selection = json.loads(metrics.read_text())["ensemble_selection"]
+    assert selection["method"] == "greedy" and set(selection["weights"]) <= {"run", "other"}
+    assert sum(selection["weights"].values()) == pytest.approx(1.0) and len(selection["path"]) == 20
+    assert "ensemble_method=greedy, chosen on the validation split" in result.stderr + result.stdout

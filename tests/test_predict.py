@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from skinlesion.clinical.thresholds import DECISION_COLUMNS
 from skinlesion.data.layouts import load_records
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.inference.model import InferenceModel
-from skinlesion.inference.tta import dihedral_views
+from skinlesion.inference.tta import ViewPlan, dihedral_views
 from skinlesion.labels import CLASSES
 from skinlesion.predict import predict
 
@@ -104,6 +106,10 @@ def test_probabilities_use_the_checkpoint_preprocessing_temperature_and_tta(
     with torch.no_grad():
         views = [loaded.model.predict_proba(view) for view in dihedral_views(image, 2)]
     np.testing.assert_allclose(probs_of("tta=true", "tta_views=2"), torch.stack(views).mean(0)[0], atol=1e-5)
+    with torch.no_grad():
+        crops = [loaded.model.predict_proba(view) for view in ViewPlan(crops=5, scales=(1.25,)).views(image)]
+    assert len(crops) == 5
+    np.testing.assert_allclose(probs_of("tta_crops=5", "tta_scales=[1.25]"), torch.stack(crops).mean(0)[0], atol=1e-5)
 
 
 def test_an_existing_output_file_is_never_replaced(tmp_path: Path, checkpoint: Path, mixed_folder: Path) -> None:
@@ -126,6 +132,31 @@ def test_cli_writes_predictions_into_a_new_run_folder(tmp_path: Path, checkpoint
     (csv,) = (tmp_path / "outputs" / "predict" / "runs").glob("*/predictions.csv")
     assert len(pd.read_csv(csv)) == 5
     assert "notes.txt" in result.stdout  # the terminal summary names the unreadable file
+
+
+def test_cli_with_crops_averages_views_but_decides_on_the_single_view(
+    tmp_path: Path, trained_run: Path, mixed_folder: Path
+) -> None:
+    """Crops and flips change the prob_* columns; the clinical decisions stay those of one view, as fitted."""
+    checkpoint = trained_run / "checkpoints" / "best.ckpt"
+    images = tmp_path / "images"
+    images.mkdir()
+    for source in sorted(mixed_folder.glob("ISIC_*.jpg")):
+        (images / source.name).write_bytes(source.read_bytes())
+    args = [f"ckpt_path={checkpoint}", f"input={images}", "device=cpu", "tta=true", "tta_views=2", "tta_crops=5"]
+    result = run_cli(tmp_path, "skinlesion.predict", *args, "tta_scales=[1.0,1.25]", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = (tmp_path / "outputs" / "predict" / "runs").iterdir()
+    saved = json.loads((run / "predict.json").read_text())
+    assert saved["tta"] == {"views": 12, "flips": 2, "crops": 5, "scales": [1.0, 1.25]} and saved["tta_views"] == 12
+    with_crops = pd.read_csv(run / "predictions.csv", keep_default_na=False)
+    single = predict(predict_cfg(tmp_path / "single", checkpoint, images))
+    probs = [f"prob_{c}" for c in CLASSES]
+    np.testing.assert_allclose(with_crops[probs].sum(axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(with_crops[probs].to_numpy(), single[probs].to_numpy(), atol=1e-4)
+    assert (with_crops["prediction_set"] != "").all()
+    for column in DECISION_COLUMNS:
+        assert list(with_crops[column].astype(str)) == list(single[column].astype(str)), column
 
 
 def test_predict_reproduces_the_probabilities_of_the_validation_loader(

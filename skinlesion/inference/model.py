@@ -25,7 +25,7 @@ from skinlesion.data.metadata import read_metadata_table, rows_for_files
 from skinlesion.data.specs import CacheSpec
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import ConfigError, DataError
-from skinlesion.inference.tta import predict_proba_tta
+from skinlesion.inference.tta import ViewPlan, predict_proba_tta
 from skinlesion.models.module import CLINICAL_KEY, SkinLesionClassifier
 from skinlesion.runfolder.checkpoints import classifier_from_checkpoint, read_checkpoint
 
@@ -127,12 +127,12 @@ class InferenceModel:
     def predict_proba(
         self,
         images: torch.Tensor,
-        tta_views: int = 1,
+        tta_views: ViewPlan | int = 1,
         calibrated: bool = True,
         metadata: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Class probabilities of uint8 NCHW ``images`` (temperature-scaled unless ``calibrated=False``);
-        ``metadata``: their encoded metadata (:meth:`metadata_for`)."""
+        """Class probabilities of uint8 NCHW ``images`` (temperature-scaled unless ``calibrated=False``), averaged
+        over the ``tta_views``; ``metadata``: their encoded metadata (:meth:`metadata_for`)."""
         device = self.model.device
         metadata = metadata.to(device) if metadata is not None else None
         probs = predict_proba_tta(self.model, images.to(device), tta_views, calibrated, metadata)

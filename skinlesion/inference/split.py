@@ -19,7 +19,7 @@ from skinlesion.data.splits import check_disjoint, check_same_split, read_run_sp
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.inference.model import InferenceModel
 from skinlesion.inference.predictions import SplitPredictions
-from skinlesion.inference.tta import predict_proba_tta
+from skinlesion.inference.tta import ViewPlan, predict_proba_tta
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.runfolder.files import CHECKPOINT_DIR
 
@@ -63,10 +63,10 @@ def predict_split(
     datamodule: SkinLesionDataModule,
     split: str,
     device: torch.device,
-    views: int,
+    views: ViewPlan,
     calibrated: bool,
 ) -> SplitPredictions:
-    """Probabilities of one model on one split (``views`` > 1: test-time augmentation), in record order."""
+    """Probabilities of one model on one split (averaged over ``views``: test-time augmentation), in record order."""
     model.to(device)
     probs, labels, indices = [], [], []
     for batch in datamodule.eval_dataloader(split):
@@ -121,7 +121,7 @@ def predict_members(
     settings: dict,
     split: str,
     device: torch.device,
-    views: int,
+    views: ViewPlan,
     calibrated: bool,
     split_from: str = "data",
 ) -> tuple[dict[str, SplitPredictions], pd.DataFrame, dict]:

@@ -24,7 +24,10 @@ TRAIN_FIELDS = (
     "epochs", "params_total", "params_trainable", "finetune", "train_time_s", "fit_time_s", "train_images_per_s",
     "calibration", "last_epoch", "ema", "early_stopping",
 )  # fmt: skip
-EVALUATE_FIELDS = ("split", "dataset", "images", "split_check", "tta_views", "calibrated", "ensemble", "members")
+EVALUATE_FIELDS = (
+    "split", "dataset", "images", "split_check", "tta_views", "tta", "calibrated", "ensemble", "ensemble_selection",
+    "members",
+)  # fmt: skip
 FAILURE_FIELDS = ("error", "traceback")
 
 
@@ -69,9 +72,12 @@ class RunSummary:
     dataset: dict[str, Any] = field(default_factory=dict)
     images: int | None = None
     split_check: dict[str, Any] = field(default_factory=dict)  # how the images were matched to split.csv files
-    tta_views: int | None = None
+    tta_views: int | None = None  # how many views each probability averages (1: none)
+    tta: dict[str, Any] = field(default_factory=dict)  # which views: flips, crops, scales
     calibrated: bool | None = None
     ensemble: bool | None = None
+    # how the members were combined (mean, greedy, stacking), on which split, with which weights
+    ensemble_selection: dict[str, Any] = field(default_factory=dict)
     members: dict[str, Any] = field(default_factory=dict)
 
     @property
