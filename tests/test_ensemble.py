@@ -127,7 +127,7 @@ def test_members_trained_on_different_splits_are_refused(members: tuple[Path, Pa
         run_evaluate(tmp_path, f"ckpt_path={first}", f"ensemble=[{first}]")
 
 
-@pytest.mark.parametrize("method", ["greedy", "stacking"])
+@pytest.mark.parametrize("method", ["greedy", pytest.param("stacking", marks=pytest.mark.slow)])
 def test_selection_is_fitted_on_validation_and_never_sees_the_scored_labels(
     members: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
@@ -175,6 +175,7 @@ def test_selection_scored_on_its_own_validation_split_says_it_is_optimistic(
         run_evaluate(tmp_path, f"ckpt_path={first}", "ensemble_method=greedy")
 
 
+@pytest.mark.slow  # the README test runs the same command
 def test_evaluate_command_with_greedy_selection_records_members_and_weights(
     members: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -137,6 +137,7 @@ def test_the_synthetic_set_draws_metadata_that_depends_on_the_diagnosis(syntheti
     assert sites["df"] == "lower extremity"
 
 
+@pytest.mark.slow  # two minutes on 2 cores; the unit tests above cover each piece
 def test_metadata_model_trains_evaluates_predicts_explains_and_exports(
     tmp_path: Path, synthetic_root: Path, cache_dir: Path
 ) -> None:

@@ -80,6 +80,7 @@ def test_crop_tta_on_a_model_is_deterministic_and_gives_probabilities(tmp_path: 
     assert not torch.allclose(probs, single, atol=1e-4)  # the crops changed what was averaged
 
 
+@pytest.mark.slow  # the README test runs an evaluate with crops and scales
 def test_evaluate_command_with_crops_and_scales_records_its_views(trained_run: Path, tmp_path: Path) -> None:
     checkpoint = trained_run / "checkpoints" / "best.ckpt"
     args = [f"ckpt_path={checkpoint}", "tta=true", "tta_views=2", "tta_crops=5", "tta_scales=[1.0,1.25]"]

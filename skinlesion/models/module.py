@@ -187,7 +187,8 @@ class SkinLesionClassifier(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "class_weights"):
             self.set_class_weights(datamodule.class_weights)
-            self.mixer = BatchMixer.from_spec(datamodule.augment_spec, len(self.class_names))
+            spec = getattr(datamodule, "augment_spec", None)  # a DataModule of one's own may have none: no mixing
+            self.mixer = BatchMixer.from_spec(spec, len(self.class_names)) if spec is not None else None
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         batch["image"] = self.normalize(batch["image"])
