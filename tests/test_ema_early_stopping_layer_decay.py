@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import OmegaConf
-from test_finetune import BACKBONE_LR, RandomImages, build
+from test_finetune import BACKBONE_LR, RandomImages, build, fit_tiny
 
 from skinlesion.callbacks.early_stopping import Stage2EarlyStopping
 from skinlesion.callbacks.ema import EMAWeights
@@ -99,23 +99,8 @@ def fit_with(tmp_path: Path, callbacks: list, max_epochs: int = 3, ckpt_path: st
         dirpath=tmp_path / "ckpt", filename="epoch{epoch}", monitor="val/loss", save_top_k=-1,
         auto_insert_metric_name=False,
     )  # fmt: skip
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=max_epochs,
-        logger=False,
-        callbacks=[
-            TwoStageFinetuning(unfreeze_at_epoch=1, num_blocks=1, backbone_lr=BACKBONE_LR),
-            *callbacks,
-            checkpoint,
-        ],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    L.seed_everything(0)
-    trainer.fit(module, datamodule=RandomImages(), ckpt_path=ckpt_path)
-    return module, trainer
+    finetune = TwoStageFinetuning(unfreeze_at_epoch=1, num_blocks=1, backbone_lr=BACKBONE_LR)
+    return module, fit_tiny(module, tmp_path, [finetune, *callbacks, checkpoint], max_epochs, ckpt_path)
 
 
 def differs(a: dict, b: dict, key: str) -> bool:

@@ -284,6 +284,13 @@ def fit(
             dirpath=tmp_path / "ckpt", filename="epoch{epoch}", save_top_k=-1, auto_insert_metric_name=False
         ),
     ]
+    return module, probe, fit_tiny(module, tmp_path, callbacks, max_epochs, ckpt_path)
+
+
+def fit_tiny(
+    module: SkinLesionClassifier, tmp_path: Path, callbacks: list, max_epochs: int, ckpt_path: str | None = None
+) -> L.Trainer:
+    """Fit ``module`` on :class:`RandomImages` on the CPU from seed 0, with these callbacks only."""
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=max_epochs,
@@ -296,7 +303,7 @@ def fit(
     )
     L.seed_everything(0)
     trainer.fit(module, datamodule=RandomImages(), ckpt_path=ckpt_path)
-    return module, probe, trainer
+    return trainer
 
 
 @pytest.mark.parametrize("scheduler", ["constant", "cosine", "plateau"])
