@@ -277,11 +277,11 @@ def evaluate(cfg: DictConfig) -> RunSummary:
     """Predict, score and write the artifacts; return the summary written to ``metrics.json``."""
     check_settings(cfg, EvaluateSettings)
     views = _check_settings(cfg)
+    members = load_members(cfg)
+    if len(members) == 1 and cfg.ensemble_method != MEAN:  # before anything is written
+        raise ConfigError(f"ensemble_method={cfg.ensemble_method} needs two or more members; {cfg.ensemble} has one")
     out_dir = Path(cfg.paths.output_dir)
     write_resolved_config(cfg, out_dir)
-    members = load_members(cfg)
-    if len(members) == 1 and cfg.ensemble_method != MEAN:
-        raise ConfigError(f"ensemble_method={cfg.ensemble_method} needs two or more members; {cfg.ensemble} has one")
     first = next(iter(members.values()))
     settings = data_settings(cfg, first.data)
     split = cfg.split

@@ -108,6 +108,11 @@ def explain_split(
 def explain(cfg: DictConfig) -> dict:
     """Write the figures and ``explanations.csv`` into the run folder; returns what was written."""
     check_settings(cfg, ExplainSettings)
+    if cfg.metadata_csv and not cfg.images:
+        raise ConfigError(
+            f"metadata_csv={cfg.metadata_csv} is for images=...; a split is explained with its dataset's own "
+            "metadata: drop metadata_csv, or give images=FILE_OR_DIR"
+        )
     run_dir = Path(cfg.paths.output_dir)
     method = check_method(cfg.method)
     loaded = InferenceModel.load(required_path(cfg.ckpt_path, "ckpt_path", USAGE), cfg.device)

@@ -22,19 +22,18 @@ from skinlesion.config import to_plain
 from skinlesion.data.colour_constancy import check_power
 from skinlesion.data.specs import AugmentSpec, SplitSpec
 from skinlesion.errors import ConfigError, SettingError
-from skinlesion.inference.tta import VIEW_COUNTS
+from skinlesion.inference.tta import view_plan
+from skinlesion.models.backbone import BackboneSpec
+from skinlesion.models.fusion import fusion_spec
+from skinlesion.models.optim import check_layer_blocks
 from skinlesion.runfolder.files import check_writable
 
 SCHEMA = ConfigDict(extra="ignore")  # other keys of a section belong to Lightning, torch or the DataModule
 Whole = Annotated[int, Strict()]  # no floats (2.5), strings or booleans where a count is meant
 Number = Annotated[float, Strict()]  # an int is a number too
 Fraction = Annotated[Number, Field(gt=0, lt=1)]
-TtaViews = Literal[VIEW_COUNTS[1:]]
-TtaCrops = Annotated[Whole, Field(ge=1, description="1, 5 (corners + centre) or a square number")]
-TtaScales = Annotated[
-    list[Annotated[Number, Field(ge=1)]], Field(min_length=1, description="factors of the input size, each >= 1")
-]
 Schema = TypeVar("Schema")
+MIX_SHARE = "a probability; null is not off: leave the key out for its default"
 
 
 @dataclass(frozen=True, kw_only=True, config=SCHEMA)
@@ -71,14 +70,17 @@ class AugmentSettings:
     hue: Annotated[Number | None, Field(ge=0, le=0.5, description="a fraction of a full turn")] = None
     hflip: Annotated[bool | None, Strict()] = None
     vflip: Annotated[bool | None, Strict()] = None
-    randaugment: Annotated[Number | None, Field(ge=0, le=30, description="RandAugment's magnitude")] = None
+    randaugment: Annotated[Whole | None, Field(ge=0, le=30, description="RandAugment's magnitude, a whole number")] = (
+        None
+    )
     trivial_augment: Annotated[bool | None, Strict()] = None
     hair: Annotated[Number | None, Field(ge=0, le=1, description="a probability")] = None
     erase: Annotated[Number | None, Field(ge=0, le=1, description="a probability")] = None
     mixup: Annotated[Number | None, Field(ge=0, description="Beta's alpha")] = None
     cutmix: Annotated[Number | None, Field(ge=0, description="Beta's alpha")] = None
-    mix_prob: Annotated[Number | None, Field(ge=0, le=1, description="a probability")] = None
-    mix_switch_prob: Annotated[Number | None, Field(ge=0, le=1, description="a probability")] = None
+    # Not null: unlike the switches above, null is not "off" for these (leave the key out for the default).
+    mix_prob: Annotated[Number, Field(ge=0, le=1, description=MIX_SHARE)] = AugmentSpec.mix_prob
+    mix_switch_prob: Annotated[Number, Field(ge=0, le=1, description=MIX_SHARE)] = AugmentSpec.mix_switch_prob
 
     @field_validator(
         "rotate", "zoom", "shift", "brightness", "contrast", "saturation", "hue", "randaugment", "hair", "erase",
@@ -208,11 +210,24 @@ class ClinicalOverrides:
 @dataclass(frozen=True, kw_only=True, config=SCHEMA)
 class ModuleSettings:
     colour_constancy: Annotated[Number | None, Field(description="Shades of Gray's p-norm, null = off")] = None
+    metadata: Annotated[dict | None, Field(description="metadata=fusion's settings, null = off")] = None
+    compile: Any = False
+    model: dict | None = None  # ${model}: its block list, for layer_decay
+    layer_decay: Any = None  # ${finetune.layer_decay}, whose range FinetuneSettings checks
 
     @field_validator("colour_constancy")
     @classmethod
     def _power(cls, value: float | None) -> float | None:
         return check_power(value)
+
+    @model_validator(mode="after")
+    def _model(self) -> ModuleSettings:
+        """The model's own checks, run now rather than once it is built: the metadata option (with compile)
+        and the blocks layer-wise decay gives a rate each."""
+        fusion_spec(self.metadata, self.compile)
+        if self.layer_decay is not None and self.model is not None:
+            check_layer_blocks(BackboneSpec.from_config(self.model))
+        return self
 
 
 @dataclass(frozen=True, kw_only=True, config=SCHEMA)
@@ -239,11 +254,23 @@ class EnsembleSelectionSettings:
 
 
 @dataclass(frozen=True, kw_only=True, config=SCHEMA)
-class EvaluateSettings:
+class TtaSettings:
+    """Test-time views of evaluate and predict, checked by the function that builds them (``view_plan``)."""
+
+    tta: Annotated[bool, Strict()]
+    tta_views: Whole
+    tta_crops: Whole
+    tta_scales: list[Number]
+
+    @model_validator(mode="after")
+    def _views(self) -> TtaSettings:
+        view_plan(self.tta, self.tta_views, self.tta_crops, self.tta_scales)
+        return self
+
+
+@dataclass(frozen=True, kw_only=True, config=SCHEMA)
+class EvaluateSettings(TtaSettings):
     data: LoaderSettings
-    tta_views: TtaViews
-    tta_crops: TtaCrops
-    tta_scales: TtaScales
     ensemble_method: Literal["mean", "greedy", "stacking"]
     ensemble_selection: EnsembleSelectionSettings
     split_from: Literal["data", "file"]
@@ -251,11 +278,8 @@ class EvaluateSettings:
 
 
 @dataclass(frozen=True, kw_only=True, config=SCHEMA)
-class PredictSettings:
+class PredictSettings(TtaSettings):
     batch_size: Annotated[Whole, Field(ge=1)]
-    tta_views: TtaViews
-    tta_crops: TtaCrops
-    tta_scales: TtaScales
     clinical: ClinicalOverrides
 
 

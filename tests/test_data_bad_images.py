@@ -11,11 +11,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
+from skinlesion.config import CONFIG_DIR
 from skinlesion.data import bad_images
 from skinlesion.data.datamodule import SkinLesionDataModule
 from skinlesion.data.images import ImageReadError, check_image_file, load_rgb
+from skinlesion.data.metadata import MetadataSpec
 from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.errors import ConfigError, DataError
 
@@ -127,6 +131,25 @@ def test_skip_drops_and_records_what_it_skipped(spoiled_root, tmp_path: Path, ca
     assert {"image_id", "source_row", "path", "reason", "dataset"} <= set(skipped.columns)
     assert "4 of 420 listed images are unusable" in caplog.text and "Skipping them" in caplog.text
     assert len(pd.read_csv(tmp_path / "run" / "split.csv")) == 416
+
+
+def test_metadata_rows_stay_with_their_images_when_bad_ones_are_skipped(spoiled_root, tmp_path: Path) -> None:
+    """The metadata model's vectors are encoded per split after the skipped rows are gone: by image, not by row."""
+    root, kinds = spoiled_root
+    fusion = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "metadata" / "fusion.yaml"))["module"]["metadata"]
+    spec = MetadataSpec.from_config(fusion)
+    dm = datamodule(root, tmp_path, on_bad_image="skip", metadata=spec)
+    dm.setup()
+    table = pd.read_csv(root / "HAM10000_metadata.csv", dtype=str, keep_default_na=False).set_index("image_id")
+    for name, dataset in dm.datasets.items():
+        ids = [Path(path).stem for path in dataset.paths]
+        assert not set(ids) & set(kinds), name
+        assert np.array_equal(dataset.metadata, spec.encode(table.loc[ids].reset_index())), name
+    item = dm.datasets["val"][3]
+    assert torch.equal(
+        item["metadata"], torch.from_numpy(spec.encode(table.loc[[Path(dm.datasets["val"].paths[3]).stem]])[0])
+    )
+    assert len(np.unique(dm.datasets["train"].metadata, axis=0)) > 10  # rows that differ: a shift would show
 
 
 def test_a_file_that_passes_the_cheap_check_but_fails_to_decode_is_caught_by_the_cache(

@@ -12,12 +12,13 @@ import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from test_evaluate import make_isic_test_set
 
 from skinlesion.callbacks.finetune import TwoStageFinetuning
 from skinlesion.config import CONFIG_DIR
 from skinlesion.data.layouts import HAM_LOCALIZATIONS, load_records
-from skinlesion.data.metadata import MetadataSpec
+from skinlesion.data.metadata import MetadataSpec, warn_if_no_metadata
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.evaluate import evaluate
 from skinlesion.explain import explain
@@ -33,6 +34,8 @@ from skinlesion.runfolder.checkpoints import load_classifier
 from conftest import USER_TINY, compose_config, random_checkpoint, run_cli, run_user, tiny_train_overrides
 
 PROBS = [f"prob_{c}" for c in CLASSES]
+# metadata=fusion's settings: the option's only defaults
+FUSION = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "metadata" / "fusion.yaml"))["module"]["metadata"]
 
 
 def mobilenet(**kwargs) -> SkinLesionClassifier:
@@ -41,7 +44,7 @@ def mobilenet(**kwargs) -> SkinLesionClassifier:
 
 
 def test_encoding_is_fixed_and_marks_missing_and_unknown_values() -> None:
-    spec = MetadataSpec()
+    spec = MetadataSpec.from_config(FUSION)
     frame = pd.DataFrame(
         {
             "age": ["45.0", "", "abc", "200"],
@@ -61,7 +64,7 @@ def test_encoding_is_fixed_and_marks_missing_and_unknown_values() -> None:
     bare = spec.encode(pd.DataFrame(index=range(3)))
     assert (bare == spec.missing_row()).all()
     # Only the chosen fields, and the vocabulary travels with the settings (a checkpoint's, not today's).
-    ages = MetadataSpec.from_config({"fields": ["age"]})
+    ages = MetadataSpec.from_config({**FUSION, "fields": ["age"]})
     assert ages.encode(frame).shape == (4, 2)
     assert MetadataSpec.from_config(spec.to_dict()) == spec
 
@@ -72,17 +75,20 @@ def test_encoding_is_fixed_and_marks_missing_and_unknown_values() -> None:
         ({"fields": ["age", "height"]}, "fields"),
         ({"fields": []}, "fields"),
         ({"field_dropout": 1.0}, "field_dropout"),
+        ({"drop_all": -0.1}, "drop_all"),
+        ({"drop_all": 1.0}, "drop_all"),
         ({"hidden": 0}, "hidden"),
+        ({"hidden": None}, "module.metadata.hidden is not set"),
         ({"color": 1}, "unknown module.metadata setting"),
     ],
 )
 def test_bad_metadata_settings_are_refused(values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        MetadataSpec.from_config(values)
+        MetadataSpec.from_config({**FUSION, **values})
 
 
 def test_field_dropout_drops_whole_fields_in_training_and_never_in_eval() -> None:
-    spec = MetadataSpec(field_dropout=0.5)
+    spec = MetadataSpec.from_config({**FUSION, "field_dropout": 0.5, "drop_all": 0})
     head = MetadataFusionHead(spec, num_features=4, num_classes=7)
     seen = []
     head.embed.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].clone()))
@@ -100,8 +106,38 @@ def test_field_dropout_drops_whole_fields_in_training_and_never_in_eval() -> Non
         assert 0.35 < dropped.float().mean() < 0.65
 
 
+def test_drop_all_gives_training_rows_exactly_the_vector_of_an_image_without_metadata() -> None:
+    spec = MetadataSpec.from_config({**FUSION, "field_dropout": 0, "drop_all": 0.3})
+    head = MetadataFusionHead(spec, num_features=4, num_classes=7).train()
+    known = pd.DataFrame({"age": ["50"] * 1000, "sex": "male", "localization": "face"})
+    dropped = head.drop_fields(torch.from_numpy(spec.encode(known)))
+    absent = torch.from_numpy(spec.encode(pd.DataFrame(index=range(1))))[0]  # the ISIC 2018 layout, no CSV
+    whole = (dropped == absent).all(1)
+    assert torch.equal(whole | (dropped == torch.from_numpy(spec.encode(known))).all(1), torch.ones(1000, dtype=bool))
+    assert 0.25 < whole.float().mean() < 0.35  # rows lose all their fields together, at drop_all's rate
+
+
+def test_a_metadata_checkpoint_saved_before_drop_all_loads_without_it(tmp_path: Path) -> None:
+    model = mobilenet(metadata=FUSION)
+    hparams = dict(model.hparams) | {"metadata": {k: v for k, v in model.hparams.metadata.items() if k != "drop_all"}}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams}, tmp_path / "old.ckpt")
+    loaded = load_classifier(tmp_path / "old.ckpt")
+    assert loaded.metadata_spec.drop_all == 0 and loaded.backbone.get_classifier().drop_all == 0  # as it trained
+    assert model.metadata_spec.drop_all == FUSION["drop_all"] > 0
+
+
+def test_a_metadata_model_without_any_metadata_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    spec = MetadataSpec.from_config(FUSION)
+    warn_if_no_metadata(spec, spec.encode(pd.DataFrame({"age": ["", "abc"]})), "2 image(s)")
+    assert caplog.text.count("temperature and clinical thresholds were fitted") == 1
+    caplog.clear()
+    warn_if_no_metadata(spec, spec.encode(pd.DataFrame({"age": ["", "60"]})), "2 image(s)")  # one has an age
+    warn_if_no_metadata(None, None, "an image-only model")
+    assert not caplog.text
+
+
 def test_the_metadata_mlp_and_fusion_classifier_are_the_head_of_the_two_stage_recipe() -> None:
-    model = mobilenet(metadata={})
+    model = mobilenet(metadata=FUSION)
     head = model.backbone.get_classifier()
     assert isinstance(head, MetadataFusionHead)
     fusion = {id(p) for p in head.parameters()}
@@ -113,9 +149,14 @@ def test_the_metadata_mlp_and_fusion_classifier_are_the_head_of_the_two_stage_re
     finetune = TwoStageFinetuning(unfreeze_at_epoch=1, num_blocks=1, backbone_lr=1e-4)
     finetune.apply(model.train(), epoch=0)  # stage 1: the head alone
     assert {id(p) for p in model.parameters() if p.requires_grad} == fusion
-    # Every image-only path still works: no metadata means every field missing.
+    # Every image-only path still works: no metadata is the encoding of a set without metadata columns, and
+    # metadata that is known reaches the logits.
     images = torch.randn(2, 3, 32, 32)
-    assert torch.equal(model.eval()(images), model(images, model.missing_metadata(2)))
+    spec = model.metadata_spec
+    absent = torch.from_numpy(spec.encode(pd.DataFrame(index=range(2))))
+    known = torch.from_numpy(spec.encode(pd.DataFrame({"age": ["80", "20"], "sex": "male", "localization": "face"})))
+    assert torch.equal(model.eval()(images), model(images, absent))
+    assert not torch.equal(model(images), model(images, known))
 
 
 def test_a_checkpoint_saved_before_metadata_loads_as_an_image_only_model(tmp_path: Path) -> None:
@@ -186,7 +227,7 @@ def test_metadata_model_trains_evaluates_predicts_explains_and_exports(
     exported = export(compose_config("export", [*common[:2], f"paths.output_dir={tmp_path / 'onnx'}"]))
     assert exported["parity"]["max_abs_diff"] < 1e-4
     sidecar = json.loads(Path(exported["json"]).read_text())
-    assert sidecar["metadata"]["shape"] == ["batch", MetadataSpec().width]
+    assert sidecar["metadata"]["shape"] == ["batch", MetadataSpec.from_config(FUSION).width]
 
 
 def test_metadata_csv_is_refused_for_an_image_only_model_and_must_name_images(tmp_path: Path) -> None:
@@ -198,12 +239,31 @@ def test_metadata_csv_is_refused_for_an_image_only_model_and_must_name_images(tm
     args = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'p'}", f"ckpt_path={checkpoint}"]
     with pytest.raises(ConfigError, match="trained without metadata"):
         predict(compose_config("predict", [*args, f"input={photo}", f"metadata_csv={table}"]))
-    model = mobilenet(metadata={})
+    model = mobilenet(metadata=FUSION)
     fused = tmp_path / "fused.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, fused)
     args[-1] = f"ckpt_path={fused}"
     with pytest.raises(DataError, match="no image_id column"):
         predict(compose_config("predict", [*args, f"input={photo}", f"metadata_csv={table}"]))
+    # explain reads a split's metadata from its dataset: a metadata_csv there would be ignored, so it is refused
+    explained = [*args[:-1], f"paths.output_dir={tmp_path / 'x'}", "split=val", f"metadata_csv={table}"]
+    with pytest.raises(ConfigError, match=r"^metadata_csv=.* is for images=\.\.\.; a split is explained"):
+        explain(compose_config("explain", [*explained, f"ckpt_path={fused}"]))
+    assert not (tmp_path / "x").exists()
+
+
+def test_predict_without_metadata_csv_warns_that_a_metadata_model_sees_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = mobilenet(metadata=FUSION)
+    fused = tmp_path / "fused.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, fused)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8)).save(photo)
+    args = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'p'}", f"ckpt_path={fused}", f"input={photo}"]
+    frame = predict(compose_config("predict", [*args, "device=cpu"]))
+    assert len(frame) == 1 and frame["error"].fillna("").eq("").all()
+    assert caplog.text.count("no image has metadata") == 1
 
 
 @pytest.mark.slow

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from skinlesion.cli import user_error
-from skinlesion.errors import FileSystemError, SettingError
+from skinlesion.errors import ConfigError, FileSystemError, SettingError
+from skinlesion.evaluate import evaluate
 from skinlesion.settings import (
     EvaluateSettings,
     ExplainSettings,
@@ -20,7 +23,7 @@ from skinlesion.settings import (
     check_settings,
 )
 
-from conftest import ONE_EPOCH, compose_config, random_checkpoint, run_cli, sweep_overrides
+from conftest import ONE_EPOCH, USER_TINY, compose_config, random_checkpoint, run_cli, run_user, sweep_overrides
 
 TOOL_SCHEMAS = {
     "train": TrainSettings,
@@ -98,10 +101,24 @@ def test_impossible_training_settings_stop_the_command_in_one_line_before_any_wo
         ("train", ["data.augment.zoom=1"], "data.augment.zoom=1 is not allowed: it must be less than 1"),
         ("evaluate", ["data.eval_batch_size=0"], "data.eval_batch_size=0 is not allowed"),
         ("evaluate", ["tta_views=3"], "tta_views=3 is not allowed: it must be 2, 4 or 8"),
+        ("predict", ["tta_views=3"], "tta_views=3 is not allowed: it must be 2, 4 or 8"),
+        ("evaluate", ["tta_crops=3"], "tta_crops=3 is not allowed: it must be 1, 5 (corners + centre) or a square"),
+        ("predict", ["tta_crops=4"], "tta_crops=4 crops an enlarged image, but tta_scales=[1.0] has no scale above 1"),
+        ("train", ["+data.augment.randaugment=9.5"], "data.augment.randaugment=9.5 is not allowed: it must be a"),
+        ("train", ["+data.augment.mix_prob=null"], "data.augment.mix_prob=null is not allowed: it must be a valid"),
+        ("train", ["metadata=fusion", "module.metadata.fields=[age,foo]"], "module.metadata.fields=[age,foo] is not"),
+        ("train", ["metadata=fusion", "module.metadata.field_dropout=1.5"], "module.metadata.field_dropout=1.5 is not"),
+        ("train", ["metadata=fusion", "module.metadata.drop_all=-0.5"], "module.metadata.drop_all=-0.5 is not allowed"),
+        ("train", ["metadata=fusion", "module.compile=true"], "set module.compile=false with metadata=fusion"),
+        (
+            "train",
+            ["model=mobilenetv2", "model.blocks=[blocks.0]", "finetune.layer_decay=0.8"],
+            "finetune.layer_decay needs model.blocks that hold every backbone parameter exactly once",
+        ),
         ("evaluate", ["ensemble_method=vote"], "ensemble_method=vote is not allowed"),
         ("evaluate", ["ensemble_selection.rounds=0"], "ensemble_selection.rounds=0 is not allowed"),
-        ("predict", ["tta_crops=0"], "tta_crops=0 is not allowed: it must be greater than or equal to 1"),
-        ("predict", ["tta_scales=[0.5]"], "=0.5 is not allowed: it must be greater than or equal to 1"),
+        ("predict", ["tta_crops=0"], "tta_crops=0 is not allowed: it must be 1, 5"),
+        ("predict", ["tta_scales=[0.5]"], "tta_scales=[0.5] is not allowed: give distinct factors >= 1"),
         ("predict", ["batch_size=0"], "batch_size=0 is not allowed: it must be greater than or equal to 1"),
         ("explain", ["per_class=0"], "per_class=0 is not allowed"),
         ("export", ["check.atol=0"], "check.atol=0 is not allowed: it must be greater than 0"),
@@ -111,10 +128,32 @@ def test_each_tool_names_the_setting_its_value_and_what_is_allowed(
     tmp_path: Path, tool: str, overrides: list[str], message: str
 ) -> None:
     cfg = compose_config(tool, [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}", *overrides])
-    with pytest.raises(SettingError, match=message.replace(".", r"\.").replace("+", r"\+")) as info:
+    with pytest.raises(SettingError, match=re.escape(message)) as info:
         check_settings(cfg, TOOL_SCHEMAS[tool])
     assert "\n" not in str(info.value)
     assert not (tmp_path / "run").exists()  # checking writes nothing
+
+
+def test_bad_metadata_settings_stop_training_in_one_line_before_the_run_folder_is_written(tmp_path: Path) -> None:
+    result = run_user(tmp_path, "python", "-m", "skinlesion.train", *USER_TINY, "metadata=fusion",
+                      "module.metadata.fields=[age,foo]")  # fmt: skip
+    line = refused_in_one_line(result)
+    assert line.startswith("error: module.metadata.fields=[age,foo] is not allowed"), line
+    (run,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
+    assert not (run / "config.yaml").exists() and not (run / "split.csv").exists()  # no config, no data read
+    assert not (tmp_path / "data").exists()  # the synthetic set was not generated either
+    saved = json.loads((run / "metrics.json").read_text())  # only the failure, as for every refused setting
+    assert saved["status"] == "failed" and "module.metadata.fields" in saved["error"] and "metrics" not in saved
+
+
+def test_a_one_member_ensemble_selection_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    checkpoint = random_checkpoint(tmp_path / "ckpt" / "best.ckpt", "mobilenetv2", 32)
+    saved = torch.load(checkpoint, weights_only=True)
+    torch.save(saved | {"datamodule_hyper_parameters": {"root": str(tmp_path)}}, checkpoint)  # as training saves
+    overrides = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'eval'}", f"ensemble=[{checkpoint}]"]
+    with pytest.raises(ConfigError, match="ensemble_method=greedy needs two or more members"):
+        evaluate(compose_config("evaluate", [*overrides, "ensemble_method=greedy"]))
+    assert not (tmp_path / "eval").exists()
 
 
 def test_several_bad_settings_are_named_together_on_one_line(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ import pandas as pd
 
 from skinlesion.clinical.auroc import image_weights, macro_auroc
 from skinlesion.data.layouts import HAM_LOCALIZATIONS, HAM_SEXES, METADATA_COLUMNS
+from skinlesion.data.metadata import AGE_RANGE
 from skinlesion.labels import CLASSES
 from skinlesion.scoring.bootstrap import (
     LEVEL,
@@ -57,7 +58,6 @@ AUDIT_METRIC_NAMES = {
     "auroc_macro": "macro AUROC",
 }
 AGE_BANDS = ((0, 30, "<30"), (30, 45, "30-44"), (45, 60, "45-59"), (60, 75, "60-74"), (75, 121, ">=75"))
-AGE_RANGE = (0, 120)
 MIN_SITE_LESIONS = 20
 MISSING = "missing"
 OTHER = "other"
@@ -120,7 +120,7 @@ def age_bands(ages: pd.Series) -> tuple[pd.Series, list[str]]:
     if wrong.any():
         notes.append(
             _warn(
-                f"age: {int(wrong.sum())} value(s) are not ages from {AGE_RANGE[0]} to {AGE_RANGE[1]} "
+                f"age: {int(wrong.sum())} value(s) are not ages from {AGE_RANGE[0]:g} to {AGE_RANGE[1]:g} "
                 f"and count as {MISSING}: {_examples(text[wrong])}"
             )
         )

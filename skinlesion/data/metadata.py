@@ -5,13 +5,14 @@ over HAM10000's values and site one-hot over HAM10000's ``localization`` vocabul
 ``unknown``, which a missing, empty or unseen value falls into. :class:`MetadataSpec`, vocabularies included,
 is saved with the model (hparams ``metadata``), so evaluate and predict encode as training did even if these
 defaults change. A set without metadata (the ISIC 2018 layout, new photos) encodes every field as missing,
-the very vector field dropout shows the model in training.
+the very vector that field dropout (one field) and ``drop_all`` (every field at once) show the model in training.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ import pandas as pd
 from skinlesion.data.layouts import HAM_LOCALIZATIONS, HAM_SEXES
 from skinlesion.errors import ConfigError, DataError
 
+log = logging.getLogger(__name__)
+
 FIELDS = ("age", "sex", "site")
 COLUMNS = {"age": "age", "sex": "sex", "site": "localization"}  # field -> column of HAM10000_metadata.csv
 UNKNOWN = "unknown"
@@ -27,13 +30,16 @@ AGE_RANGE = (0.0, 120.0)  # years; outside it an age counts as missing
 SETTING = "module.metadata"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MetadataSpec:
-    """The metadata option's settings (``conf/metadata/fusion.yaml`` repeats these defaults) and its encoding."""
+    """The metadata option's settings and its encoding. The recipe's values (``fields``, ``hidden``,
+    ``field_dropout``, ``drop_all``) are in ``conf/metadata/fusion.yaml`` only; ``drop_all`` defaults to 0 here
+    because a checkpoint from before it lacks the key and was trained without it."""
 
-    fields: tuple[str, ...] = FIELDS
-    hidden: int = 32  # width of the MLP that embeds the metadata vector
-    field_dropout: float = 0.1  # in training, each field of each image is set to missing with this probability
+    fields: tuple[str, ...]  # some of FIELDS
+    hidden: int  # width of the MLP that embeds the metadata vector
+    field_dropout: float  # in training, each field of each image is set to missing with this probability
+    drop_all: float = 0.0  # in training, every field of an image is set to missing at once with this probability
     age_scale: float = 100.0
     sexes: tuple[str, ...] = HAM_SEXES
     sites: tuple[str, ...] = HAM_LOCALIZATIONS
@@ -46,6 +52,11 @@ class MetadataSpec:
         if unknown:
             known = ", ".join(cls.__dataclass_fields__)
             raise ConfigError(f"unknown {SETTING} setting(s) {', '.join(sorted(unknown))}; known: {known}")
+        unset = [f.name for f in fields(cls) if f.default is MISSING and values.get(f.name) is None]
+        if unset:
+            raise ConfigError(
+                f"{SETTING}.{unset[0]} is not set; switch the option on with metadata=fusion (conf/metadata/fusion.yaml)"
+            )
         values = {k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in values.items()}
         spec = cls(**values)
         spec._check()
@@ -54,14 +65,17 @@ class MetadataSpec:
     def _check(self) -> None:
         if not self.fields or len(set(self.fields)) != len(self.fields) or not set(self.fields) <= set(FIELDS):
             raise ConfigError(
-                f"{SETTING}.fields={list(self.fields)}: give some of {', '.join(FIELDS)}, each once"
+                f"{SETTING}.fields=[{','.join(map(str, self.fields))}] is not allowed: give some of "
+                f"{', '.join(FIELDS)}, each once"
             )
-        if not isinstance(self.hidden, int) or self.hidden < 1:
-            raise ConfigError(f"{SETTING}.hidden={self.hidden} must be a width >= 1")
-        if not isinstance(self.field_dropout, int | float) or not 0 <= self.field_dropout < 1:
-            raise ConfigError(f"{SETTING}.field_dropout={self.field_dropout} must be a probability in [0, 1)")
+        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 1:
+            raise ConfigError(f"{SETTING}.hidden={self.hidden} is not allowed: it must be a width >= 1")
+        for name in ("field_dropout", "drop_all"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+                raise ConfigError(f"{SETTING}.{name}={value} is not allowed: it must be a probability in [0, 1)")
         if not isinstance(self.age_scale, int | float) or self.age_scale <= 0:
-            raise ConfigError(f"{SETTING}.age_scale={self.age_scale} must be > 0")
+            raise ConfigError(f"{SETTING}.age_scale={self.age_scale} is not allowed: it must be > 0")
         for name in ("sexes", "sites"):
             if UNKNOWN not in getattr(self, name):
                 raise ConfigError(f"{SETTING}.{name} must include '{UNKNOWN}' (missing and unseen values)")
@@ -143,3 +157,14 @@ def rows_for_files(table: pd.DataFrame | None, paths: Sequence[Path]) -> pd.Data
     keys = [table_key(table, path) for path in paths]
     rows = [table.loc[key].to_dict() if key is not None else {} for key in keys]
     return pd.DataFrame(rows, index=range(len(paths)))
+
+
+def warn_if_no_metadata(spec: MetadataSpec | None, encoded: np.ndarray | None, images: str) -> None:
+    """Log once when a metadata model sees only the all-missing vector (``images``: which, for the message):
+    its temperature and clinical thresholds were fitted on validation images that had metadata."""
+    if spec is not None and len(encoded) and bool((encoded == spec.missing_row()).all()):
+        log.warning(
+            "%s: no image has metadata, so this metadata model sees every field missing; its temperature and "
+            "clinical thresholds were fitted on validation images with metadata and may not hold here",
+            images,
+        )

@@ -164,7 +164,7 @@ class AugmentSpec(_Spec):
     hue: float = 0.0  # +- this fraction of a full turn
     saturation: float = 0.0  # factor 1+-x
     # The ISIC leaders' augmentations (left out of conf/data/*.yaml: off unless set on the command line).
-    randaugment: float = 0.0  # magnitude (1-30; 9 = torchvision's default) of RandAugment, 2 ops per image
+    randaugment: float = 0.0  # magnitude, a whole number (1-30; 9 = torchvision's default), of RandAugment, 2 ops
     trivial_augment: bool = False  # TrivialAugmentWide: one op per image at a random magnitude
     hair: float = 0.0  # probability of drawing 1-6 thin dark hair-like curves on an image
     erase: float = 0.0  # probability of erasing one random rectangle with noise (timm's RandomErasing)
@@ -174,9 +174,15 @@ class AugmentSpec(_Spec):
     mix_switch_prob: float = 0.5  # with both on: the share of mixed batches that get CutMix rather than mixup
 
     def __post_init__(self) -> None:
-        """Switches as booleans and amounts as floats, whatever the YAML or an old checkpoint wrote (false = 0)."""
+        """Switches as booleans and amounts as floats, whatever the YAML or an old checkpoint wrote (false = 0);
+        null is off only where off is the default (not for ``mix_prob``: leave the key out for its default)."""
         for switch in fields(self):
             value = getattr(self, switch.name)
+            if value is None and switch.default:
+                raise ConfigError(
+                    f"data.augment.{switch.name}=null is not allowed: give a number, or leave it out for "
+                    f"{switch.default}"
+                )
             object.__setattr__(self, switch.name, bool(value) if isinstance(switch.default, bool) else float(value or 0))
         if self.randaugment and self.trivial_augment:  # the ranges are checked by skinlesion.settings
             raise ConfigError("data.augment: randaugment and trivial_augment are alternatives; set only one of them")

@@ -264,7 +264,8 @@ def _metadata_row(lesion: Lesion, image_id: str) -> dict:
         "age": age,
         "sex": rng.choice(["male", "female", "unknown"], p=[0.995 * men, 0.995 * (1 - men), 0.005]),
         "localization": rng.choice(HAM_LOCALIZATIONS, p=site_weights / site_weights.sum()),
-        # drawn last, so the columns above are those of sets made before it was added
+        # Sets made before metadata fusion drew age, sex and site without CLASS_PATIENTS, so their metadata
+        # columns differ from today's (the row's rng is the lesion's own: images and lesions are unchanged).
         "dataset": rng.choice(list(DATASETS), p=np.array(list(DATASETS.values())) / sum(DATASETS.values())),
     }
 

@@ -175,7 +175,7 @@ class TorchvisionAugment(A.ImageOnlyTransform):
     def __init__(self, magnitude: float = 0.0, p: float = 1.0) -> None:
         super().__init__(p=p)
         self.magnitude = float(magnitude)
-        self.op = v2.RandAugment(num_ops=2, magnitude=round(magnitude)) if magnitude else v2.TrivialAugmentWide()
+        self.op = v2.RandAugment(num_ops=2, magnitude=int(magnitude)) if magnitude else v2.TrivialAugmentWide()
 
     def get_params(self) -> dict[str, Any]:
         return {"seed": self.py_random.getrandbits(63)}

@@ -21,7 +21,7 @@ from skinlesion.clinical.thresholds import CalibrationSet
 from skinlesion.data.dataset import to_chw_tensor
 from skinlesion.data.images import DEFAULT_MAX_PIXELS, load_resized, load_rgb
 from skinlesion.data.layouts import load_records
-from skinlesion.data.metadata import read_metadata_table, rows_for_files
+from skinlesion.data.metadata import read_metadata_table, rows_for_files, warn_if_no_metadata
 from skinlesion.data.specs import CacheSpec
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import ConfigError, DataError
@@ -160,6 +160,12 @@ class InferenceModel:
         or no table: every field missing); None for a model trained without metadata."""
         spec = self.model.metadata_spec
         return None if spec is None else torch.from_numpy(spec.encode(rows_for_files(table, paths)))
+
+    def warn_if_no_metadata(self, paths: list[Path], table: pd.DataFrame | None) -> None:
+        """A metadata model given no metadata for any of ``paths`` says so once (its thresholds assume some)."""
+        spec = self.model.metadata_spec
+        if spec is not None:
+            warn_if_no_metadata(spec, spec.encode(rows_for_files(table, paths)), f"{len(paths)} image(s)")
 
     def labels_by_image_id(self) -> dict[str, int]:
         """Image id -> label of the checkpoint's dataset where it is on disk, else empty (labels unknown)."""

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from skinlesion.data.datamodule import SPLIT_FILE, SkinLesionDataModule
-from skinlesion.data.metadata import MetadataSpec
+from skinlesion.data.metadata import MetadataSpec, warn_if_no_metadata
 from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.data.splits import check_disjoint, check_same_split, read_run_split
 from skinlesion.errors import ConfigError, DataError
@@ -54,6 +54,8 @@ def datamodule_for(
     if split not in datamodule.datasets:
         hint = "data.split.test was 0 in training; use split=val or an external set (data.test_set.root=...)"
         raise ConfigError(f"there is no '{split}' split in this data{'; ' + hint if split == 'test' else ''}")
+    source = settings["test_set"]["root"] if external else settings.get("root")
+    warn_if_no_metadata(metadata, datamodule.datasets[split].metadata, f"{split} images of {source}")
     return datamodule
 
 

@@ -95,14 +95,18 @@ class ViewPlan:
 
 def view_plan(tta: bool, views: int, crops: int = 1, scales: Sequence[float] = (1.0,)) -> ViewPlan:
     """The views for the ``tta``/``tta_views`` (flips and rotations), ``tta_crops`` and ``tta_scales``
-    settings of evaluate and predict; crops and scales apply with or without ``tta``."""
-    if tta and int(views) not in VIEW_COUNTS[1:]:
-        raise ConfigError(f"tta_views={views} is not valid; choose one of {', '.join(map(str, VIEW_COUNTS[1:]))}")
+    settings of evaluate and predict; crops and scales apply with or without ``tta``. The one check of these
+    settings: :mod:`skinlesion.settings` calls it before anything is written."""
+    if int(views) not in VIEW_COUNTS[1:]:
+        raise ConfigError(f"tta_views={views} is not allowed: it must be 2, 4 or 8 (the flips/rotations of tta=true)")
     scales = tuple(float(s) for s in scales)
     if not scales or any(s < 1 for s in scales) or len(set(scales)) < len(scales):
-        raise ConfigError(f"tta_scales={list(scales)} is not valid: give distinct factors >= 1, e.g. [1.0,1.25]")
+        shown = "[" + ",".join(f"{s:g}" for s in scales) + "]"
+        raise ConfigError(f"tta_scales={shown} is not allowed: give distinct factors >= 1, e.g. [1.0,1.25]")
     if crops != FIVE_CROPS and (crops < 1 or math.isqrt(crops) ** 2 != crops):
-        raise ConfigError(f"tta_crops={crops} is not valid: 1, 5 (corners + centre) or a square number (4, 9, 16...)")
+        raise ConfigError(
+            f"tta_crops={crops} is not allowed: it must be 1, 5 (corners + centre) or a square number (4, 9, 16...)"
+        )
     if crops > 1 and all(s == 1 for s in scales):
         raise ConfigError(
             f"tta_crops={crops} crops an enlarged image, but tta_scales={list(scales)} has no scale above 1; "

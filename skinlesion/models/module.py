@@ -24,13 +24,12 @@ from hydra.utils import instantiate
 
 from skinlesion.config import to_plain
 from skinlesion.data.colour_constancy import shades_of_gray
-from skinlesion.data.metadata import MetadataSpec
 from skinlesion.data.preprocessing import Preprocessing
 from skinlesion.errors import ConfigError, TrainingDivergedError
 from skinlesion.inference.predictions import SplitPredictions, probabilities
 from skinlesion.labels import CLASSES
 from skinlesion.models.backbone import BackboneSpec, create_backbone, get_module, resolve_blocks
-from skinlesion.models.fusion import attach_fusion_head, fused_logits
+from skinlesion.models.fusion import attach_fusion_head, fused_logits, fusion_spec
 from skinlesion.models.metrics import classification_metrics, probability_metrics
 from skinlesion.models.mixing import BatchMixer
 from skinlesion.models.optim import param_groups, rename_saved_groups
@@ -65,13 +64,8 @@ class SkinLesionClassifier(L.LightningModule):
         self.spec = BackboneSpec.from_config(model)
         self.class_names = tuple(class_names)
         self.backbone = create_backbone(self.spec, num_classes=len(self.class_names))
-        self.metadata_spec = MetadataSpec.from_config(to_plain(metadata)) if metadata is not None else None
+        self.metadata_spec = fusion_spec(metadata, compile)
         if self.metadata_spec is not None:
-            if compile:
-                raise ConfigError(
-                    "module.compile compiles the backbone's forward, which the metadata model does not call; "
-                    "set module.compile=false with metadata=fusion"
-                )
             attach_fusion_head(self.backbone, self.metadata_spec, len(self.class_names))
         self.preprocessing = (
             Preprocessing.from_dict(preprocessing)

@@ -20,12 +20,20 @@ scheduler (``WarmupCosine``'s single factor, plateau, constant) keeps the ratios
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from skinlesion.errors import ConfigError
-from skinlesion.models.backbone import backbone_parameters, head_parameters
+from skinlesion.labels import CLASSES
+from skinlesion.models.backbone import (
+    BackboneSpec,
+    backbone_parameters,
+    create_backbone,
+    head_parameters,
+    resolve_blocks,
+)
 
 HEAD, BACKBONE = "head", "backbone"
 NO_DECAY = "/no_decay"  # suffix of the twin group without weight decay (same learning rate)
@@ -92,6 +100,14 @@ def block_parameters(model: torch.nn.Module, blocks: list[list[torch.nn.Module]]
             "finetune.layer_decay=null"
         )
     return params
+
+
+def check_layer_blocks(spec: BackboneSpec) -> None:
+    """:func:`block_parameters`' check at startup, not minutes later in ``configure_optimizers``: on a copy of
+    the backbone built on the meta device (no weights loaded, nothing allocated)."""
+    with torch.device("meta"):
+        model = create_backbone(replace(spec, pretrained=False, weights=None), num_classes=len(CLASSES))
+    block_parameters(model, resolve_blocks(model, spec))
 
 
 class WarmupCosine(LambdaLR):
