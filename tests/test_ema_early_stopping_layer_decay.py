@@ -13,7 +13,6 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import OmegaConf
 from test_finetune import BACKBONE_LR, RandomImages, build, fit_tiny
 
 from skinlesion.callbacks.early_stopping import Stage2EarlyStopping
@@ -22,7 +21,6 @@ from skinlesion.callbacks.finetune import TwoStageFinetuning
 from skinlesion.errors import ConfigError
 from skinlesion.models.module import SkinLesionClassifier
 from skinlesion.models.optim import NO_DECAY, is_block_group, layer_rates
-from skinlesion.runfolder.resume import check_resume
 
 from conftest import USER_TINY, compose_config, run_user
 
@@ -186,20 +184,6 @@ def test_without_stage_2_early_stopping_counts_from_the_first_epoch(tmp_path: Pa
     )  # fmt: skip
     trainer.fit(build("mobilenetv2", "scheduler=constant"), datamodule=RandomImages())
     assert stopping.describe()["stopped_epoch"] == 1
-
-
-# ---- runs from before the options ----------------------------------------------------------------------
-def test_a_run_saved_before_the_options_resumes_with_them_off_but_not_on(tmp_path: Path) -> None:
-    paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"]
-    old = OmegaConf.to_container(compose_config("train", paths), resolve=True)
-    for key in ("ema", "early_stopping"):
-        del old[key]
-    del old["finetune"]["layer_decay"], old["module"]["layer_decay"]
-    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
-    assert check_resume(compose_config("train", paths), tmp_path)["ema.decay"] == ("<absent>", 0.999)
-    for option in ("ema.enabled=true", "early_stopping.patience=2", "finetune.layer_decay=0.8"):
-        with pytest.raises(ConfigError, match=option.split("=")[0]):
-            check_resume(compose_config("train", [*paths, option]), tmp_path)
 
 
 # ---- the command line ----------------------------------------------------------------------------------
