@@ -109,7 +109,7 @@ HEAD, FIRST = "backbone.classifier.weight", "backbone.conv_stem.weight"
 
 
 def test_the_average_is_validated_checkpointed_and_left_in_the_module(tmp_path: Path) -> None:
-    ema = EMAWeights(decay=0.9)
+    ema = EMAWeights(decay=0.9, warmup=True)
     module, trainer = fit_with(tmp_path, [ema])
     saved = torch.load(tmp_path / "ckpt" / "epoch2.ckpt", weights_only=False)
     average, trained = saved["state_dict"], saved["current_model_state"]
@@ -135,10 +135,10 @@ def test_the_average_is_validated_checkpointed_and_left_in_the_module(tmp_path: 
 
 
 def test_resume_continues_the_average_and_the_trained_weights(tmp_path: Path) -> None:
-    fit_with(tmp_path / "first", [EMAWeights(decay=0.9)], max_epochs=2)
+    fit_with(tmp_path / "first", [EMAWeights(decay=0.9, warmup=True)], max_epochs=2)
     path = tmp_path / "first" / "ckpt" / "epoch1.ckpt"
     saved = torch.load(path, weights_only=False)
-    weights, ema = Weights(), EMAWeights(decay=0.9)
+    weights, ema = Weights(), EMAWeights(decay=0.9, warmup=True)
     fit_with(tmp_path / "resumed", [ema, weights], max_epochs=3, ckpt_path=str(path))
     assert weights.updates == 4  # 2 epochs x 2 steps averaged before the checkpoint
     assert all(torch.equal(v, saved["current_model_state"][k]) for k, v in weights.current.items())
@@ -147,10 +147,17 @@ def test_resume_continues_the_average_and_the_trained_weights(tmp_path: Path) ->
 
 
 def test_decay_warms_up_to_its_ceiling() -> None:
-    ema = EMAWeights(decay=0.99)
+    ema = EMAWeights(decay=0.99, warmup=True)
     assert ema.decay_after(1) < ema.decay_after(100) < ema.decay_after(1000) == 0.99
     assert ema.decay_after(100) == pytest.approx(1 - 101 ** (-2 / 3))
     assert EMAWeights(decay=0.99, warmup=False).decay_after(1) == 0.99
+
+
+def test_each_update_takes_its_decay_from_the_host_count_not_the_device() -> None:
+    ema, averaged = EMAWeights(decay=0.99, warmup=True), [torch.zeros(3)]
+    ema.updates = 5
+    ema._update(averaged, [torch.ones(3)], torch.tensor(5, device="meta"))  # reading it would wait for a GPU
+    torch.testing.assert_close(averaged[0], torch.full((3,), 1 - ema.decay_after(5)))
 
 
 # ---- early stopping ------------------------------------------------------------------------------------
