@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -151,10 +152,21 @@ def test_a_one_hot_target_gives_the_integer_labels_loss(loss: torch.nn.Module, w
 
 
 def test_training_with_every_new_augmentation_and_colour_constancy(tmp_path: Path) -> None:
-    """Odd batches (15) meet mixup, the focal loss reads soft targets with balanced class weights."""
+    """Odd batches (15) meet mixup, the focal loss reads soft targets with balanced class weights. A probe
+    callback (tests/training_probe.py) records that the command's module mixed its training batches and that
+    its loader's transform is not the recipe without the new augmentations."""
+    shutil.copy(Path(__file__).with_name("training_probe.py"), tmp_path)
+    probe = [
+        "+callbacks.probe._target_=training_probe.WiringProbe",
+        f"+callbacks.probe.output={tmp_path / 'probe.json'}",
+    ]
     options = [*ALL_NEW_CLI, *MIX_CLI, "module.colour_constancy=6", "loss=focal", "data.batch_size=15", *ONE_EPOCH]
-    result = run_user(tmp_path, "python", "-m", "skinlesion.train", *USER_TINY, *options)
+    result = run_user(tmp_path, "python", "-m", "skinlesion.train", *USER_TINY, *options, *probe)
     assert result.returncode == 0, result.stderr[-3000:]
+    wiring = json.loads((tmp_path / "probe.json").read_text())
+    assert wiring["mixer"] == [0.4, 1.0]  # the module built timm's Mixup from data.augment
+    assert wiring["mixed_batches"] == 2 and wiring["soft_target_batches"] >= 1  # and it mixed in training
+    assert all(wiring["loader_differs_from_base"])  # hair, RandAugment and erasing are in the training loader
     (run,) = (tmp_path / "outputs" / "train" / "runs").iterdir()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["epochs"] == 1

@@ -22,6 +22,7 @@ from skinlesion.scoring.bootstrap import (
     recall_per_class,
     scores_from_confusions,
 )
+from skinlesion.scoring.paired import PairedReference
 
 K = len(CLASSES)
 
@@ -118,3 +119,36 @@ def test_balanced_accuracy_of_artifacts_and_bootstrap_leaves_out_a_class_that_is
     assert scores_from_confusions(full.confusions(labels, preds, K))["balanced_acc"][0] == pytest.approx(expected)
     versus_perfect = paired_difference(labels, preds, labels, resamples, K)
     assert versus_perfect["difference"] == pytest.approx(expected - 1.0)
+
+
+def predictions_csv(preds: np.ndarray, labels: np.ndarray, order: np.ndarray) -> pd.DataFrame:
+    """A two-class predictions CSV of images 0..N-1 (two photos per lesion), rows in ``order``."""
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"ISIC_{i}" for i in range(len(labels))],
+            "lesion_id": [f"HAM_{i // 2}" for i in range(len(labels))],
+            "true": np.where(labels == 1, "b", "a"),
+            "prob_a": np.where(preds == 0, 0.9, 0.1),
+            "prob_b": np.where(preds == 1, 0.9, 0.1),
+            "pred": np.where(preds == 1, "b", "a"),
+        }
+    )
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def test_a_pairing_scores_the_other_run_on_the_references_images_in_either_order() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 60)
+    weak, strong = (np.where(rng.random(60) < error, 1 - labels, labels) for error in (0.4, 0.1))
+    pairing = PairedReference.of(predictions_csv(weak, labels, np.arange(60)))
+    other = predictions_csv(strong, labels, rng.permutation(60))  # the same images in another order
+    forward = pairing.difference(other, "balanced_acc", reference_first=True)
+    backward = pairing.difference(other, "balanced_acc", reference_first=False)
+    expected = balanced_accuracy_score(labels, weak) - balanced_accuracy_score(labels, strong)
+    assert forward["difference"] == pytest.approx(expected) == pytest.approx(-backward["difference"])
+    assert (forward["low"], forward["high"]) == pytest.approx((-backward["high"], -backward["low"]))
+    assert forward["p_a_better"] == pytest.approx(1 - backward["p_a_better"])
+    fewer = other.iloc[1:]
+    renamed = other.rename(columns={"prob_b": "prob_c"}).replace({"b": "c"})
+    assert pairing.difference(fewer, "balanced_acc", reference_first=True) is None
+    assert pairing.difference(renamed, "balanced_acc", reference_first=True) is None

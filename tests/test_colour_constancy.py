@@ -15,7 +15,6 @@ from skinlesion.errors import ConfigError
 from skinlesion.export import export
 from skinlesion.inference.model import InferenceModel
 from skinlesion.inference.tta import predict_proba_tta
-from skinlesion.runfolder.resume import accepted_on_resume, config_changes
 
 from conftest import compose_config, random_checkpoint
 
@@ -117,10 +116,3 @@ def test_the_onnx_graph_applies_the_correction_behind_the_usual_input(
     inputs = ((images.float() - model.mean) / model.std).numpy()  # as the JSON says: no correction by the user
     session = onnxruntime.InferenceSession(result["onnx"], providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"image": inputs})[0], loaded.logits(images).numpy(), atol=1e-4)
-
-
-def test_a_run_from_before_the_setting_resumes_with_it_off_but_not_on() -> None:
-    saved = {"module": {"compile": False}}
-    for value, accepted in ((None, True), (6.0, False)):
-        changes = config_changes(saved, {"module": {"compile": False, "colour_constancy": value}})
-        assert accepted_on_resume("module.colour_constancy", *changes["module.colour_constancy"]) is accepted

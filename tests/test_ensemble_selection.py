@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from skinlesion.inference.predictions import SplitPredictions
-from skinlesion.inference.selection import Stacker, greedy_selection, plain_mean
+from skinlesion.inference.selection import Stacker, cv_grouping, greedy_selection, plain_mean
 
 LABELS = [0, 0, 1, 1]
 
@@ -54,7 +54,8 @@ def test_greedy_repeats_members_and_keeps_the_best_prefix() -> None:
 def test_the_plain_mean_is_the_average_of_all_members() -> None:
     mean = plain_mean(list(MEMBERS))
     assert mean.weights == pytest.approx(dict.fromkeys(MEMBERS, 1 / 3))
-    torch.testing.assert_close(mean.combine(MEMBERS).probs, SplitPredictions.average(list(MEMBERS.values())).probs)
+    expected = np.mean([m.probs.numpy() for m in MEMBERS.values()], axis=0)
+    np.testing.assert_allclose(mean.combine(MEMBERS).probs.numpy(), expected, rtol=1e-6)
 
 
 def random_members(seed: int, n: int = 120, classes: int = 4) -> dict[str, SplitPredictions]:
@@ -85,3 +86,13 @@ def test_stacking_gives_probabilities_fitted_on_validation_with_grouped_folds() 
     assert record["members"] == ["good", "fair", "noise"] and record["class_weight"] == "balanced"
     accuracy = (stacked.probs.argmax(1) == stacked.labels).float().mean()
     assert accuracy > (test["fair"].probs.argmax(1) == test["fair"].labels).float().mean()
+
+
+def test_the_stacking_record_names_the_grouping_its_folds_used() -> None:
+    some_known = ["lesion_1", "lesion_1", "ISIC_3", "ISIC_4"]  # images without a lesion id stand for themselves
+    assert cv_grouping(some_known, grouped=False) == "lesion (images without a lesion id alone)"
+    assert cv_grouping(["ISIC_1", "ISIC_2", "ISIC_3"], grouped=False) == "image"
+    assert cv_grouping(["lesion_1", "lesion_1", "lesion_2"], grouped=True) == "lesion"
+    val = random_members(0, n=60)
+    stacker = Stacker.fit(val, [f"lesion_{i // 3}" if i < 30 else f"ISIC_{i}" for i in range(60)], 3, grouped=False)
+    assert stacker.to_dict()["cv_groups"] == "lesion (images without a lesion id alone)"

@@ -10,10 +10,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from skinlesion.runfolder.resume import accepted_on_resume, config_changes
+from skinlesion.errors import ConfigError
+from skinlesion.runfolder.resume import accepted_on_resume, check_resume, config_changes
 
-from conftest import USER_TINY, run_user
+from conftest import USER_TINY, compose_config, run_user
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -183,3 +185,33 @@ def test_settings_added_later_only_for_display_and_logging_are_accepted_on_resum
                             "callbacks.lr_monitor.logging_interval"}  # fmt: skip
     assert all(accepted_on_resume(key, *change) for key, change in changes.items())
     assert not accepted_on_resume("optimizer.lr", 1e-3, 1e-2)
+
+
+# The keys the ISIC leaders' options added to the train config (every default config.yaml before them lacks
+# exactly these; metadata fusion and the new augmentations add keys only when switched on).
+OPTION_KEYS = {
+    "ema": ("enabled", "decay", "warmup"),
+    "early_stopping": ("patience", "min_delta"),
+    "finetune": ("layer_decay",),
+    "module": ("layer_decay", "colour_constancy"),
+}
+
+
+def test_a_run_saved_before_the_training_options_resumes_with_them_off_but_not_on(tmp_path: Path) -> None:
+    paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}"]
+    old = OmegaConf.to_container(compose_config("train", paths), resolve=True)
+    for section, keys in OPTION_KEYS.items():
+        for key in keys:
+            del old[section][key]
+        if not old[section]:
+            del old[section]
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
+    accepted = check_resume(compose_config("train", paths), tmp_path)
+    assert set(accepted) == {f"{section}.{key}" for section, keys in OPTION_KEYS.items() for key in keys}
+    assert accepted["ema.decay"] == ("<absent>", 0.999)
+    switched_on = ["ema.enabled=true", "early_stopping.patience=2", "finetune.layer_decay=0.8",
+                   "module.colour_constancy=6", "metadata=fusion", "+data.augment.mixup=0.2"]  # fmt: skip
+    for option in switched_on:
+        key = option.lstrip("+").split("=")[0].replace("metadata", "module.metadata")
+        with pytest.raises(ConfigError, match=f"{key}[.:]"):
+            check_resume(compose_config("train", [*paths, option]), tmp_path)

@@ -17,8 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 from skinlesion.errors import ConfigError
-from skinlesion.inference.predictions import SplitPredictions, frame_classes, read_predictions
-from skinlesion.scoring.bootstrap import BOOTSTRAP_METRICS, Resamples, paired_difference
+from skinlesion.inference.predictions import read_predictions
+from skinlesion.scoring.bootstrap import BOOTSTRAP_METRICS
+from skinlesion.scoring.paired import PairedReference
 
 
 def predictions_of(path: Path, split: str) -> pd.DataFrame:
@@ -33,22 +34,12 @@ def predictions_of(path: Path, split: str) -> pd.DataFrame:
 
 def paired_rows(reference: pd.DataFrame, others: dict[str, pd.DataFrame], metric: str) -> list[dict]:
     """OTHER minus REFERENCE for each of ``others`` (name -> predictions), on the reference's images."""
-    classes = frame_classes(reference)
-    scored = SplitPredictions.from_frame(reference)
-    resamples = Resamples.draw(reference["lesion_id"] if "lesion_id" in reference else reference["image_id"])
+    pairing = PairedReference.of(reference)
     rows = []
     for name, other in others.items():
-        if frame_classes(other) != classes or set(other["image_id"]) != set(reference["image_id"]):
+        difference = pairing.difference(other, metric, reference_first=False)
+        if difference is None:
             raise ConfigError(f"{name}: not the reference's images and classes; compare runs on one split")
-        aligned = reference[["image_id", "true"]].merge(other.drop(columns="true"), on="image_id", how="left")
-        difference = paired_difference(
-            scored.labels.numpy(),
-            SplitPredictions.from_frame(aligned).preds,
-            scored.preds,
-            resamples,
-            len(classes),
-            metric,
-        )
         rows.append({"run": name, **difference})
     return rows
 

@@ -22,8 +22,9 @@ from skinlesion.callbacks.finetune import TwoStageFinetuning
 
 
 class Stage2EarlyStopping(EarlyStopping):
-    def __init__(self, monitor: str, mode: str, patience: int, min_delta: float = 0.0) -> None:
-        """``patience``: stage-2 validations without an improvement of at least ``min_delta``."""
+    def __init__(self, monitor: str, mode: str, patience: int, min_delta: float) -> None:
+        """``patience``: stage-2 validations without an improvement of at least ``min_delta`` (the default is
+        conf/train.yaml's ``early_stopping``)."""
         super().__init__(monitor=monitor, mode=mode, patience=patience, min_delta=min_delta, verbose=True)
         self._restore = True
 

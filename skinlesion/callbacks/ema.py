@@ -39,21 +39,25 @@ WARMUP_POWER = 2 / 3  # timm ModelEmaV3's default warmup_power
 
 
 class EMAWeights(WeightAveraging):
-    def __init__(self, decay: float = 0.999, warmup: bool = True) -> None:
-        """``decay`` in (0, 1) (``skinlesion.settings`` checks the config's): the weight the average keeps."""
+    def __init__(self, decay: float, warmup: bool) -> None:
+        """``decay`` in (0, 1) (``skinlesion.settings`` checks the config's): the weight the average keeps;
+        the defaults are conf/train.yaml's ``ema``."""
         super().__init__(use_buffers=True)  # the average is made in setup, on the training device
         self.decay = float(decay)
         self.warmup = bool(warmup)
-        self.updates = 0  # steps averaged in, recorded when fit ends
+        # Steps averaged in (AveragedModel's n_averaged), counted on the host: reading the device's count
+        # for every step's decay would wait for the GPU each optimiser step.
+        self.updates = 0
 
     def decay_after(self, updates: int) -> float:
         """The decay of the update that follows ``updates`` earlier ones."""
         return min(self.decay, 1 - (1 + updates) ** -WARMUP_POWER) if self.warmup else self.decay
 
     def _update(self, averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
-        """AveragedModel's ``multi_avg_fn``, for one device and dtype at a time (its first update copies)."""
+        """AveragedModel's ``multi_avg_fn``, for one device and dtype at a time (its first update copies);
+        ``updates`` (the device's count) equals ``self.updates``, which is read instead."""
         if averaged[0].is_floating_point():
-            torch._foreach_lerp_(averaged, current, 1 - self.decay_after(int(updates)))
+            torch._foreach_lerp_(averaged, current, 1 - self.decay_after(self.updates))
         else:
             torch._foreach_copy_(averaged, current)
 
@@ -62,18 +66,26 @@ class EMAWeights(WeightAveraging):
             self._average_model = AveragedModel(
                 pl_module, device=trainer.strategy.root_device, use_buffers=True, multi_avg_fn=self._update
             )
+            self.updates = 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Lightning's update after each optimiser step, counted (it records the step of each update)."""
+        latest = self._latest_update_step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.updates += self._latest_update_step != latest
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The module holds the average now (``on_train_end``): what follows evaluates it as it is."""
-        if self._average_model is not None:
-            self.updates = int(self._average_model.n_averaged)
         self._average_model = None
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """In fit (a resume): the average and the trained weights. Outside it the checkpoint's ``state_dict``,
-        the average, is what Lightning loaded, and stays."""
+        """In fit (a resume): the average, its count of updates and the trained weights. Outside it the
+        checkpoint's ``state_dict``, the average, is what Lightning loaded, and stays."""
         if self._average_model is not None:
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
+            self.updates = int(self._average_model.n_averaged)  # once per resume
 
     def describe(self) -> dict[str, Any]:
         """For ``metrics.json``: the evaluated weights are the average, with the decay it ended at."""

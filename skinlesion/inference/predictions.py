@@ -47,13 +47,11 @@ class SplitPredictions:
         return cls(probs[order], labels[order], indices[order])
 
     @classmethod
-    def average(cls, members: Sequence[SplitPredictions], weights: Sequence[float] | None = None) -> SplitPredictions:
-        """The ensemble of models that predicted the same records: the mean of their probabilities, or their
-        weighted mean (weights of any scale, normalised to sum 1)."""
+    def average(cls, members: Sequence[SplitPredictions], weights: Sequence[float]) -> SplitPredictions:
+        """The ensemble of models that predicted the same records: the weighted mean of their probabilities
+        (weights of any scale, normalised to sum 1; equal weights give the plain mean)."""
         first = members[0]
         stacked = torch.stack([m.probs for m in members])
-        if weights is None:
-            return cls(stacked.mean(dim=0), first.labels, first.indices)
         w = torch.tensor(weights, dtype=stacked.dtype)
         return cls((stacked * w[:, None, None]).sum(dim=0) / w.sum(), first.labels, first.indices)
 

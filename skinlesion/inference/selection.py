@@ -103,6 +103,16 @@ def log_probability_features(predictions: Mapping[str, SplitPredictions], names:
     return np.concatenate([np.log(np.maximum(predictions[n].probs.double().numpy(), LOG_FLOOR)) for n in names], 1)
 
 
+def cv_grouping(groups: Sequence[str], grouped: bool) -> str:
+    """What the stacking folds are grouped by, for the record: every image's lesion, images alone (no two
+    share a group), or the lesions that are known with the other images alone."""
+    if grouped:
+        return "lesion"
+    if len(set(groups)) == len(groups):
+        return "image"
+    return "lesion (images without a lesion id alone)"
+
+
 @dataclass(frozen=True)
 class Stacker:
     """A multinomial logistic regression on the members' log-probabilities, fitted on validation."""
@@ -145,7 +155,7 @@ class Stacker:
             "Cs": list(STACKING_CS),
             "cv_scoring": STACKING_SCORING,
             "cv_folds": folds,
-            "cv_groups": "lesion" if grouped else "image",
+            "cv_groups": cv_grouping(groups, grouped),
             "classes_fitted": [int(c) for c in model.classes_],
         }
         return cls(model, names, first.probs.shape[1], details)

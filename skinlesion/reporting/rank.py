@@ -2,7 +2,7 @@
 
 Several seeds of one configuration are reported as mean ± standard deviation. A configuration of a
 single run keeps its lesion-bootstrap interval, and is compared with rank 1 on the same images by a
-paired bootstrap (:func:`skinlesion.scoring.bootstrap.paired_difference`), which says whether the split
+paired bootstrap (:class:`skinlesion.scoring.paired.PairedReference`), which says whether the split
 can tell the two apart at all. An ablation names its baseline configuration instead (``reference``), so
 that every option is paired with the default recipe rather than with whichever run came first.
 """
@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 
 from skinlesion.errors import ConfigError
-from skinlesion.inference.predictions import SplitPredictions, frame_classes
 from skinlesion.models.metrics import HEADLINE_METRICS
 from skinlesion.reporting.collect import INTERVALS, RECALLS, run_predictions
-from skinlesion.scoring.bootstrap import BOOTSTRAP_METRICS, Resamples, paired_difference
+from skinlesion.scoring.bootstrap import BOOTSTRAP_METRICS
+from skinlesion.scoring.paired import PairedReference
 
 DEFAULT_RANK_BY = "balanced_acc"
 # What a single run's intervals resampled (lesion, or image where the split names no lesions) and why;
@@ -141,27 +141,17 @@ def compare_with_first(
     if metric not in BOOTSTRAP_METRICS or len(single) < 2 or (reference is None and single["rank"].iloc[0] != 1):
         return summary
     first = single.iloc[0]
-    reference = run_predictions(completed_runs(runs, first)["run_dir"].iloc[0], first["split"])
-    if reference is None or "lesion_id" not in reference:  # runs written before lesion ids were recorded
+    first_predictions = run_predictions(completed_runs(runs, first)["run_dir"].iloc[0], first["split"])
+    if first_predictions is None or "lesion_id" not in first_predictions:  # runs from before lesion ids
         return summary
-    classes = frame_classes(reference)
-    scored = SplitPredictions.from_frame(reference)
-    labels, preds = scored.labels.numpy(), scored.preds
-    resamples = Resamples.draw(reference["lesion_id"])
+    pairing = PairedReference.of(first_predictions)
     for position, row in single.iloc[1:].iterrows():
         other = run_predictions(completed_runs(runs, row)["run_dir"].iloc[0], row["split"])
-        if row["split"] != first["split"] or other is None or len(other) != len(reference):
+        if row["split"] != first["split"] or other is None:
             continue
-        if frame_classes(other) != classes:  # other classes: nothing to pair
-            continue
-        paired = reference[["image_id"]].merge(other.drop(columns="true"), on="image_id", how="left")
-        if paired["pred"].isna().any():  # not the same images
-            continue
-        paired["true"] = reference["true"]
-        difference = paired_difference(
-            labels, preds, SplitPredictions.from_frame(paired).preds, resamples, len(classes), metric
-        )
-        summary.loc[position, list(PAIRED)] = [difference[k] for k in ("difference", "low", "high", "p_a_better")]
+        difference = pairing.difference(other, metric, reference_first=True)
+        if difference is not None:  # None: other images or classes, nothing to pair
+            summary.loc[position, list(PAIRED)] = [difference[k] for k in ("difference", "low", "high", "p_a_better")]
     return summary
 
 

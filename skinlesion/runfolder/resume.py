@@ -41,16 +41,14 @@ ACCEPTED_PREFIXES = (
     "data.pin_memory",
     "data.eval_batch_size",
 )
-ABSENT = "<absent>"  # config_changes' value for a key one side lacks
 ACCEPTED_SUFFIXES = (".dirpath", ".output_dir", ".save_dir")  # callbacks' and loggers' folders
-ABSENT = "<absent>"
+ABSENT = "<absent>"  # config_changes' value for a key one side lacks
 # Options added after runs were saved: a config.yaml from before one lacks its keys, and the run resumes
 # as it trained with the option off (its switch at this value), whatever the option's other keys say.
+# An added setting that is off at null needs no entry here: accepted_on_resume takes it.
 ADDED_OPTIONS = {  # key prefix: (switch, the value that keeps the option off)
-    "ema.": ("ema.enabled", False),
-    "early_stopping.": ("early_stopping.patience", None),
-    "finetune.layer_decay": ("finetune.layer_decay", None),
-    "module.layer_decay": ("finetune.layer_decay", None),
+    "ema.": ("ema.enabled", False),  # ema.decay and ema.warmup have values even when it is off
+    "early_stopping.": ("early_stopping.patience", None),  # so has early_stopping.min_delta
 }
 
 
