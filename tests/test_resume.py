@@ -215,3 +215,14 @@ def test_a_run_saved_before_the_training_options_resumes_with_them_off_but_not_o
         key = option.lstrip("+").split("=")[0].replace("metadata", "module.metadata")
         with pytest.raises(ConfigError, match=f"{key}[.:]"):
             check_resume(compose_config("train", [*paths, option]), tmp_path)
+
+
+def test_a_fusion_run_saved_before_drop_all_resumes_only_without_it(tmp_path: Path) -> None:
+    paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}", "metadata=fusion"]
+    old = OmegaConf.to_container(compose_config("train", paths), resolve=True)
+    del old["module"]["metadata"]["drop_all"]
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match=r"module\.metadata\.drop_all: '<absent>' -> 0\.1"):
+        check_resume(compose_config("train", paths), tmp_path)
+    accepted = check_resume(compose_config("train", [*paths, "module.metadata.drop_all=0"]), tmp_path)
+    assert accepted == {"module.metadata.drop_all": ("<absent>", 0)}

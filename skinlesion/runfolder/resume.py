@@ -49,6 +49,8 @@ ABSENT = "<absent>"  # config_changes' value for a key one side lacks
 ADDED_OPTIONS = {  # key prefix: (switch, the value that keeps the option off)
     "ema.": ("ema.enabled", False),  # ema.decay and ema.warmup have values even when it is off
     "early_stopping.": ("early_stopping.patience", None),  # so has early_stopping.min_delta
+    # metadata=fusion sets 0.1; a fusion run from before it resumes with module.metadata.drop_all=0
+    "module.metadata.drop_all": ("module.metadata.drop_all", 0),
 }
 
 
