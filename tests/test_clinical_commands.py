@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 import skimage.data
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from skinlesion.clinical.thresholds import DECISION_COLUMNS, CalibrationSet, ClinicalTargets, Thresholds
@@ -114,6 +116,33 @@ def test_model_card_is_written_with_its_sections_from_the_run_files(trained_run:
     assert "**Trained on synthetic images**" in card  # data.synthetic=null, but the set is the generator's
     assert "No pediatric cohort" in card and "Not a medical device" in card
     assert "| whole split |" in card
+
+
+def test_model_card_names_the_toolkit_options_a_run_trained_with(trained_run: Path, tmp_path: Path) -> None:
+    plain = model_card(trained_run)
+    assert "moving average" not in plain and "colour constancy" not in plain and "beyond the default" not in plain
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("checkpoints", "*.png"))
+    config = OmegaConf.load(run / "config.yaml")
+    config.module.colour_constancy = 6
+    config.module.metadata = {"fields": ["age", "site"], "hidden": 32, "field_dropout": 0.1, "drop_all": 0.1}
+    config.finetune.layer_decay = 0.8
+    config.data.augment.mixup = 0.2
+    OmegaConf.save(config, run / "config.yaml")
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["ema"] = {"evaluated": "ema", "decay": 0.999, "updates": 804}
+    metrics["early_stopping"] = {"patience": 2, "stopped_epoch": 7}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    card = model_card(run)
+    expected = [
+        "metadata fused with the image: age, site",
+        "colour constancy, p=6",
+        "layer-wise learning-rate decay 0.8",
+        "beyond the default: mixup 0.2",
+        "moving average (decay 0.999, 804 updates)",
+        "patience 2 from stage 2: stopped in epoch 7",
+    ]
+    assert [line for line in expected if line not in card] == []
 
 
 def test_evaluate_on_test_refits_thresholds_from_the_checkpoint_and_can_change_alpha(
@@ -339,6 +368,19 @@ def test_energy_of_the_logits_not_the_probabilities(trained_run: Path) -> None:
     low = thresholds.decisions(probs, logits - 10, ["a", "b", "c", "d"])
     high = thresholds.decisions(probs, logits + 10, ["a", "b", "c", "d"])
     assert (low["ood_score"] > high["ood_score"]).all() and list(low["prediction_set"]) == list(high["prediction_set"])
+
+
+def test_predict_s_conformal_sets_are_the_ones_evaluate_s_coverage_counted(trained_run: Path) -> None:
+    """An image's randomised set depends on its id alone: the sets predict would give the test images cover
+    exactly the share training reported."""
+    thresholds = Thresholds.fit(InferenceModel.load(trained_run / "checkpoints" / "best.ckpt", "cpu").clinical)
+    test = pd.read_csv(trained_run / "predictions_test.csv", dtype={"image_id": str})
+    probs = test[[f"prob_{name}" for name in CLASSES]].to_numpy(np.float32).astype(np.float64)  # as evaluated
+    sets = thresholds.decisions(probs, None, test["image_id"].tolist())["prediction_set"].str.split("|")
+    covered = np.mean([label in chosen for label, chosen in zip(test["true"], sets, strict=True)])
+    assert covered == pytest.approx(RunSummary.read(trained_run).metrics["test/conformal_coverage"])
+    reversed_order = thresholds.decisions(probs[::-1], None, test["image_id"].tolist()[::-1])["prediction_set"]
+    assert list(reversed_order[::-1]) == list(sets.str.join("|"))
 
 
 def test_a_validation_split_without_melanoma_still_gives_the_malignant_operating_points(tmp_path: Path) -> None:

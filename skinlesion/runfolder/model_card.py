@@ -98,7 +98,35 @@ def _recipe_section(config: Any, summary: RunSummary) -> list[str]:
         lines.append(f"- each epoch limited to {limit} training batches (`trainer.limit_train_batches`): a short run")
     if stages.get("stage2_backbone_share") is not None:
         lines.append(f"- stage 2 trained {stages['stage2_backbone_share']:.1%} of the backbone's parameters")
-    return [*lines, ""]
+    return [*lines, *_options_lines(config, summary), ""]
+
+
+def _options_lines(config: Any, summary: RunSummary) -> list[str]:
+    """The toolkit options a run trained with (all off by default), so a card says what made its numbers."""
+    lines = []
+    metadata = config.module.get("metadata")
+    if metadata:
+        lines.append(f"- patient metadata fused with the image: {', '.join(metadata.fields)} (the model needs them)")
+    if config.module.get("colour_constancy"):
+        lines.append(f"- Shades of Gray colour constancy, p={config.module.colour_constancy}, applied inside the model")
+    if config.finetune.get("layer_decay"):
+        lines.append(f"- stage 2 with layer-wise learning-rate decay {config.finetune.layer_decay}")
+    augment = config.data.get("augment") or {}
+    extra = {
+        k: augment[k] for k in ("mixup", "cutmix", "randaugment", "trivial_augment", "erase", "hair") if augment.get(k)
+    }
+    if extra:
+        lines.append("- augmentation beyond the default: " + ", ".join(f"{k} {v}" for k, v in extra.items()))
+    if summary.ema:
+        lines.append(
+            f"- the weights are an exponential moving average (decay {summary.ema.get('decay')}, "
+            f"{summary.ema.get('updates')} updates), evaluated and shipped instead of the raw weights"
+        )
+    if summary.early_stopping:
+        stopped = summary.early_stopping.get("stopped_epoch")
+        when = f"stopped in epoch {stopped}" if stopped is not None else "never stopped the run"
+        lines.append(f"- early stopping with patience {summary.early_stopping.get('patience')} from stage 2: {when}")
+    return lines
 
 
 def _split_counts(run: Path, split: str) -> dict[str, int]:
