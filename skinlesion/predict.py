@@ -107,7 +107,7 @@ def predict_files(
             decided = None
             if thresholds is not None:  # on the scale they were fitted on: one view, temperature-scaled
                 fitted_scale = probabilities(logits, model.model.temperature.cpu()).numpy()
-                decided = thresholds.decisions(fitted_scale, logits.numpy(), [p.name for p in readable])
+                decided = thresholds.decisions(fitted_scale, logits.numpy(), [p.stem for p in readable])
             predicted = dict(zip(readable, _rows(model, readable, probs, decided), strict=True))
         rows += [
             predicted.get(path) or {"path": str(path), "error": errors[path]}

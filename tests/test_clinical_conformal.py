@@ -12,6 +12,7 @@ from skinlesion.clinical.conformal import (
     calibrate_conformal,
     conformal_quantile,
     conformity_scores,
+    image_sets,
     one_per_lesion,
     prediction_sets,
     set_coverage,
@@ -101,6 +102,16 @@ def test_a_given_u_replaces_the_seeded_draw() -> None:
     sets = prediction_sets(probs, calibration, u=np.array([0.0, 1.0]))
     assert sets.tolist() == [[True, True, False], [True, False, False]]
     assert (prediction_sets(probs, calibration, seed=5) == prediction_sets(probs, calibration, seed=5)).all()
+
+
+def test_an_image_s_randomised_set_follows_its_id_not_its_position() -> None:
+    calibration = ConformalCalibration(0.6, 0.1, 0.0, 0, True, 100, "image")
+    ids = [f"ISIC_{i:07d}" for i in range(64)]
+    probs = np.tile([0.5, 0.3, 0.2], (64, 1))  # u decides between {0} and {0, 1} for each image
+    sets = image_sets(probs, calibration, ids)
+    assert 0 < sets[:, 1].sum() < 64
+    assert (image_sets(probs[::-1], calibration, ids[::-1])[::-1] == sets).all()
+    assert (image_sets(probs[:5], calibration, ids[:5]) == sets[:5]).all()  # alone or in a larger batch
 
 
 def lesions(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

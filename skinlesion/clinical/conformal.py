@@ -27,6 +27,7 @@ top class's score, and adding the top class can only raise coverage.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -106,6 +107,14 @@ def calibrate_conformal(
         n_calibration=len(keep),
         grouping="image" if lesion_ids is None else "one_per_lesion",
     )
+
+
+def image_sets(probs: np.ndarray, calibration: ConformalCalibration, image_ids: Sequence[str]) -> np.ndarray:
+    """:func:`prediction_sets` with each image's u seeded by its image id (``predict``: the file name without
+    its extension): an image gets the same set in ``predict`` and in ``evaluate``'s coverage, whatever
+    batch, order or split it comes in."""
+    u = np.array([np.random.default_rng(zlib.crc32(str(image_id).encode())).random() for image_id in image_ids])
+    return prediction_sets(probs, calibration, u=u)
 
 
 def prediction_sets(

@@ -10,7 +10,6 @@ threshold for any settings, so ``predict`` and ``evaluate`` refit them without t
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 from skinlesion.clinical.conformal import (
     ConformalCalibration,
     calibrate_conformal,
-    prediction_sets,
+    image_sets,
     set_labels,
 )
 from skinlesion.clinical.ood import OODCalibration, calibrate_ood, ood_flags, ood_score
@@ -144,12 +143,11 @@ class Thresholds:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"notes": list(self.notes)}
 
-    def decisions(self, probs: np.ndarray, logits: np.ndarray | None, names: Sequence[str]) -> pd.DataFrame:
-        """`predict`'s columns for each image: its conformal set (its randomisation seeded by the image's
-        name, so a set does not depend on the batch), the melanoma/malignant flags, whether to abstain,
-        and the OOD score and flag (empty without ``logits``)."""
-        u = np.array([np.random.default_rng(zlib.crc32(str(n).encode())).random() for n in names])
-        sets = prediction_sets(probs, self.conformal, u=u)
+    def decisions(self, probs: np.ndarray, logits: np.ndarray | None, image_ids: Sequence[str]) -> pd.DataFrame:
+        """`predict`'s columns for each image: its conformal set (randomised by its image id, as in
+        `evaluate`'s coverage, so a set does not depend on the batch), the melanoma/malignant flags, whether
+        to abstain, and the OOD score and flag (empty without ``logits``)."""
+        sets = image_sets(probs, self.conformal, image_ids)
         frame = pd.DataFrame({"prediction_set": set_labels(sets)})
         for task, threshold in self.flags.items():
             frame[f"{task}_flag"] = positive_flag(probs, threshold, task) if threshold is not None else None

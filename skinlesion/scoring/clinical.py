@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from skinlesion.clinical.conformal import (
-    prediction_sets,
+    image_sets,
     set_coverage,
 )
 from skinlesion.clinical.ood import ood_flags
@@ -181,7 +181,7 @@ def write_clinical(
     lesions = rows["lesion_id"].astype(str).to_numpy()
     specificity = thresholds.settings.specificity
     _operating_points(out_dir, split, calibration, probs, labels, lesions, specificity, result, figures)
-    sets = prediction_sets(probs, thresholds.conformal)
+    sets = image_sets(probs, thresholds.conformal, rows["image_id"].astype(str))
     coverage = set_coverage(sets, labels, lesions)
     write_json(out_dir / f"conformal_{split}.json", {"calibration": asdict(thresholds.conformal), **coverage})
     result.info["files"].append(f"conformal_{split}.json")
