@@ -119,6 +119,7 @@ def explain(cfg: DictConfig) -> dict:
     metadata = loaded.metadata_table(cfg.metadata_csv)
     if cfg.images:
         paths = list_images(cfg.images)[: cfg.n or None]
+        loaded.warn_if_no_metadata(paths, metadata, cfg.metadata_csv)
         table = explain_images(loaded, paths, run_dir, method, bool(cfg.calibrated), int(cfg.batch_size), metadata)
     else:
         table = explain_split(

@@ -151,7 +151,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     paths = list_images(source)
     model = InferenceModel.load(ckpt_path, cfg.device)
     metadata = model.metadata_table(cfg.metadata_csv)
-    model.warn_if_no_metadata(paths, metadata)
+    model.warn_if_no_metadata(paths, metadata, cfg.metadata_csv)
     thresholds = _thresholds(model, cfg)
 
     frame = predict_files(model, paths, views, bool(cfg.calibrated), int(cfg.batch_size), thresholds, metadata)

@@ -266,6 +266,29 @@ def test_predict_without_metadata_csv_warns_that_a_metadata_model_sees_none(
     assert caplog.text.count("no image has metadata") == 1
 
 
+def test_predict_names_unlisted_files_and_values_the_encoding_cannot_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = mobilenet(metadata=FUSION)
+    fused = tmp_path / "fused.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, fused)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8)).save(photos / f"{name}.png")
+    table = tmp_path / "meta.csv"
+    table.write_text("image_id,age,sex,localization\na,abc,female,back\nb.png,45,femme,bakc\n")
+    args = [f"paths.root_dir={tmp_path}", f"ckpt_path={fused}", f"input={photos}", "device=cpu"]
+    predict(compose_config("predict", [*args, f"paths.output_dir={tmp_path / 'p1'}", f"metadata_csv={table}"]))
+    assert "does not list 1 of 3 image(s) (first: c.png)" in caplog.text
+    assert "3 value(s) not understood" in caplog.text and "age='abc', sex='femme', localization='bakc'" in caplog.text
+    caplog.clear()
+    listed = tmp_path / "listed.csv"
+    listed.write_text("image_id,age,sex,localization\na,30,male,back\nb,45,female,UNKNOWN\nc,,,\n")
+    predict(compose_config("predict", [*args, f"paths.output_dir={tmp_path / 'p2'}", f"metadata_csv={listed}"]))
+    assert "does not list" not in caplog.text and "not understood" not in caplog.text
+
+
 @pytest.mark.slow
 def test_a_metadata_run_resumes_from_its_checkpoint_alone(tmp_path: Path) -> None:
     first = run_user(tmp_path, "python", "-m", "skinlesion.train", *USER_TINY, "metadata=fusion")

@@ -102,6 +102,25 @@ class MetadataSpec:
         """The vector of an image with no metadata at all."""
         return self.encode(pd.DataFrame(index=range(1)))[0]
 
+    def unreadable(self, frame: pd.DataFrame) -> list[str]:
+        """The given values (not empty) that encode as missing or ``unknown``: a typo here silently removes a
+        field from an image, so a caller can say which."""
+        found = []
+        for field in self.fields:
+            column = COLUMNS[field]
+            if column not in frame:
+                continue
+            given = frame[column].fillna("").astype(str).str.strip()
+            given = given[given != ""]
+            if field == "age":
+                years = pd.to_numeric(given, errors="coerce")
+                bad = given[~((years >= AGE_RANGE[0]) & (years <= AGE_RANGE[1]))]
+            else:
+                vocabulary = self.sexes if field == "sex" else self.sites
+                bad = given[~given.str.lower().isin([v for v in vocabulary if v != UNKNOWN] + [UNKNOWN])]
+            found += [f"{column}={value!r}" for value in dict.fromkeys(bad)]
+        return found
+
     def encode(self, frame: pd.DataFrame) -> np.ndarray:
         """float32 (rows, width) from the columns ``age``, ``sex``, ``localization`` that ``frame`` has."""
         parts = []

@@ -8,6 +8,7 @@ interpolation and centre-crop setting), and the model normalises them with its o
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,13 +22,15 @@ from skinlesion.clinical.thresholds import CalibrationSet
 from skinlesion.data.dataset import to_chw_tensor
 from skinlesion.data.images import DEFAULT_MAX_PIXELS, load_resized, load_rgb
 from skinlesion.data.layouts import load_records
-from skinlesion.data.metadata import read_metadata_table, rows_for_files, warn_if_no_metadata
+from skinlesion.data.metadata import AGE_RANGE, read_metadata_table, rows_for_files, table_key, warn_if_no_metadata
 from skinlesion.data.specs import CacheSpec
 from skinlesion.data.transforms import eval_transform
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.inference.tta import ViewPlan, predict_proba_tta
 from skinlesion.models.module import CLINICAL_KEY, SkinLesionClassifier
 from skinlesion.runfolder.checkpoints import classifier_from_checkpoint, read_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -161,11 +164,28 @@ class InferenceModel:
         spec = self.model.metadata_spec
         return None if spec is None else torch.from_numpy(spec.encode(rows_for_files(table, paths)))
 
-    def warn_if_no_metadata(self, paths: list[Path], table: pd.DataFrame | None) -> None:
-        """A metadata model given no metadata for any of ``paths`` says so once (its thresholds assume some)."""
+    def warn_if_no_metadata(self, paths: list[Path], table: pd.DataFrame | None, source: str | None = None) -> None:
+        """A metadata model given no metadata for any of ``paths`` says so once (its thresholds assume some);
+        with a table (``source``: its file), also the files it does not list and the values it cannot read."""
         spec = self.model.metadata_spec
-        if spec is not None:
-            warn_if_no_metadata(spec, spec.encode(rows_for_files(table, paths)), f"{len(paths)} image(s)")
+        if spec is None:
+            return
+        rows = rows_for_files(table, paths)
+        warn_if_no_metadata(spec, spec.encode(rows), f"{len(paths)} image(s)")
+        if table is None:
+            return
+        unlisted = [path.name for path in paths if table_key(table, path) is None]
+        if 0 < len(unlisted) < len(paths):
+            log.warning(
+                "metadata_csv=%s does not list %d of %d image(s) (first: %s); they get every field missing",
+                source, len(unlisted), len(paths), ", ".join(unlisted[:3]),
+            )  # fmt: skip
+        if unreadable := spec.unreadable(rows):
+            log.warning(
+                "metadata_csv=%s: %d value(s) not understood, encoded as missing/unknown: %s (age in years %g-%g; "
+                "sex %s; localization as in HAM10000_metadata.csv)",
+                source, len(unreadable), ", ".join(unreadable[:5]), *AGE_RANGE, "/".join(spec.sexes),
+            )  # fmt: skip
 
     def labels_by_image_id(self) -> dict[str, int]:
         """Image id -> label of the checkpoint's dataset where it is on disk, else empty (labels unknown)."""
