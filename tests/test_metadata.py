@@ -252,14 +252,22 @@ def test_metadata_csv_is_refused_for_an_image_only_model_and_must_name_images(tm
     assert not (tmp_path / "x").exists()
 
 
-def test_predict_without_metadata_csv_warns_that_a_metadata_model_sees_none(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def fusion_checkpoint_and_photos(tmp_path: Path, names: list[str]) -> tuple[Path, list[Path]]:
+    """An untrained metadata model's checkpoint and random PNG photos in one folder."""
     model = mobilenet(metadata=FUSION)
     fused = tmp_path / "fused.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, fused)
-    photo = tmp_path / "photo.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8)).save(photo)
+    (tmp_path / "photos").mkdir()
+    photos = [tmp_path / "photos" / f"{name}.png" for name in names]
+    for photo in photos:
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8)).save(photo)
+    return fused, photos
+
+
+def test_predict_without_metadata_csv_warns_that_a_metadata_model_sees_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fused, (photo,) = fusion_checkpoint_and_photos(tmp_path, ["photo"])
     args = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'p'}", f"ckpt_path={fused}", f"input={photo}"]
     frame = predict(compose_config("predict", [*args, "device=cpu"]))
     assert len(frame) == 1 and frame["error"].fillna("").eq("").all()
@@ -269,13 +277,8 @@ def test_predict_without_metadata_csv_warns_that_a_metadata_model_sees_none(
 def test_predict_names_unlisted_files_and_values_the_encoding_cannot_read(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = mobilenet(metadata=FUSION)
-    fused = tmp_path / "fused.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, fused)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for name in ("a", "b", "c"):
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), np.uint8)).save(photos / f"{name}.png")
+    fused, (photo, *_) = fusion_checkpoint_and_photos(tmp_path, ["a", "b", "c"])
+    photos = photo.parent
     table = tmp_path / "meta.csv"
     table.write_text("image_id,age,sex,localization\na,abc,female,back\nb.png,45,femme,bakc\n")
     args = [f"paths.root_dir={tmp_path}", f"ckpt_path={fused}", f"input={photos}", "device=cpu"]
