@@ -217,8 +217,8 @@ def test_training_leaves_a_gallery_and_calibration_report(localising_run: Path) 
     assert float(stored) == pytest.approx(summary["calibration"]["temperature"])
 
 
-def test_explain_a_split_and_a_folder(localising_run: Path, off_centre_root: Path, tmp_path: Path) -> None:
-    checkpoint = localising_run / "checkpoints" / "best.ckpt"
+def test_explain_a_split_and_a_folder(trained_run: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    checkpoint = trained_run / "checkpoints" / "best.ckpt"
     base = [f"paths.root_dir={tmp_path}", f"ckpt_path={checkpoint}", "device=cpu"]
 
     split_run = tmp_path / "split"
@@ -230,7 +230,7 @@ def test_explain_a_split_and_a_folder(localising_run: Path, off_centre_root: Pat
 
     folder = tmp_path / "mine"
     folder.mkdir()
-    for path in load_records(off_centre_root)["path"].head(2):
+    for path in load_records(synthetic_root)["path"].head(2):
         shutil.copy(path, folder)
     (folder / "notes.txt").write_text("not an image\n")
     images_run = tmp_path / "images"
