@@ -110,14 +110,12 @@ class MetadataSpec:
             column = COLUMNS[field]
             if column not in frame:
                 continue
-            given = frame[column].fillna("").astype(str).str.strip()
+            given = _text(frame[column])
             given = given[given != ""]
             if field == "age":
-                years = pd.to_numeric(given, errors="coerce")
-                bad = given[~((years >= AGE_RANGE[0]) & (years <= AGE_RANGE[1]))]
+                bad = given[_ages(given)[1]]
             else:
-                vocabulary = self.sexes if field == "sex" else self.sites
-                bad = given[~given.str.lower().isin([v for v in vocabulary if v != UNKNOWN] + [UNKNOWN])]
+                bad = given[~given.isin(self.sexes if field == "sex" else self.sites)]
             found += [f"{column}={value!r}" for value in dict.fromkeys(bad)]
         return found
 
@@ -128,16 +126,26 @@ class MetadataSpec:
             column = COLUMNS[field]
             values = frame[column] if column in frame else pd.Series("", index=frame.index)
             if field == "age":
-                years = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
-                missing = ~((years >= AGE_RANGE[0]) & (years <= AGE_RANGE[1]))  # NaN included
+                years, missing = _ages(values)
                 parts.append(np.stack([np.where(missing, 0.0, years / self.age_scale), missing], axis=1))
             else:
                 parts.append(_one_hot(values, self.sexes if field == "sex" else self.sites))
         return np.concatenate(parts, axis=1).astype(np.float32)
 
 
+def _text(values: pd.Series) -> pd.Series:
+    """A sex or site column as the encoding compares it with its vocabulary."""
+    return values.fillna("").astype(str).str.strip().str.lower()
+
+
+def _ages(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Years as floats, and which count as missing (not a number, or outside AGE_RANGE)."""
+    years = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    return years, ~((years >= AGE_RANGE[0]) & (years <= AGE_RANGE[1]))  # NaN included
+
+
 def _one_hot(values: pd.Series, vocabulary: Sequence[str]) -> np.ndarray:
-    text = values.fillna("").astype(str).str.strip().str.lower()
+    text = _text(values)
     index = {value: i for i, value in enumerate(vocabulary)}
     rows = text.map(lambda v: index.get(v, index[UNKNOWN])).to_numpy(dtype=np.int64)
     return np.eye(len(vocabulary))[rows]
