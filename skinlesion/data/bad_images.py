@@ -8,15 +8,14 @@ caller write the list into the run folder.
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 
 from skinlesion.data.images import DEFAULT_MAX_PIXELS, check_image_file
-from skinlesion.runfolder.files import atomic_write
 from skinlesion.errors import ConfigError, DataError
+from skinlesion.runfolder.files import atomic_write
 
 log = logging.getLogger(__name__)
 

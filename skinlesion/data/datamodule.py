@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from skinlesion.config import available_cpus, to_plain
 from skinlesion.data import synthetic as synthetic_data
-from skinlesion.data.cache import ImageCache, open_or_build_cache
 from skinlesion.data.bad_images import apply_bad_image_policy, check_policy, find_bad_images, write_csv
+from skinlesion.data.cache import ImageCache, open_or_build_cache
 from skinlesion.data.dataset import LesionDataset
 from skinlesion.data.images import DEFAULT_MAX_PIXELS
 from skinlesion.data.layouts import load_records

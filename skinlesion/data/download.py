@@ -27,8 +27,6 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit
 from urllib.request import Request, urlopen
 
-from omegaconf import OmegaConf
-
 from skinlesion import cli
 from skinlesion.errors import ConfigError, DataError
 from skinlesion.runfolder.files import read_json, write_json

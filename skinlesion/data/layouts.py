@@ -2,9 +2,10 @@
 
 Every layout becomes the same frame: ``image_id, lesion_id, lesion_known, dx, label, path, source_row``
 plus, where the metadata has them, HAM10000's patient and image columns :data:`METADATA_COLUMNS` (the
-subgroup audit reads them; ISIC 2018's one-hot CSVs have none), with ``label`` the index into :data:`skinlesion.labels.CLASSES`, ``lesion_known`` false where the dataset
-names no lesion and the image stands for its own (ISIC 2018 without ``*_LesionGroupings.csv``: a bootstrap
-over such "lesions" resamples images) and ``source_row`` the line of the CSV the record came from (for
+subgroup audit reads them; ISIC 2018's one-hot CSVs have none), with ``label`` the index into
+:data:`skinlesion.labels.CLASSES`, ``lesion_known`` false where the dataset names no lesion and the image
+stands for its own (ISIC 2018 without ``*_LesionGroupings.csv``: a bootstrap over such "lesions" resamples
+images) and ``source_row`` the line of the CSV the record came from (for
 error messages). Table-level problems raise :class:`DataError` at once naming the
 file and line; problems with the image files themselves are found by :mod:`skinlesion.data.bad_images`.
 """
@@ -273,8 +274,7 @@ def _warn_no_groupings(groupings: Path, subset: str) -> None:
         else "its bootstrap intervals resample images, not lesions (narrower where a lesion has several photos)"
     )
     log.warning(
-        "%s not found: each image is treated as its own lesion, so %s (python -m skinlesion.data.download "
-        "fetches it)",
+        "%s not found: each image is treated as its own lesion, so %s (python -m skinlesion.data.download fetches it)",
         groupings.name,
         consequence,
     )

@@ -10,8 +10,8 @@ the very vector that field dropout (one field) and ``drop_all`` (every field at 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
@@ -55,7 +55,8 @@ class MetadataSpec:
         unset = [f.name for f in fields(cls) if f.default is MISSING and values.get(f.name) is None]
         if unset:
             raise ConfigError(
-                f"{SETTING}.{unset[0]} is not set; switch the option on with metadata=fusion (conf/metadata/fusion.yaml)"
+                f"{SETTING}.{unset[0]} is not set; switch the option on with metadata=fusion "
+                "(conf/metadata/fusion.yaml)"
             )
         values = {k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in values.items()}
         spec = cls(**values)

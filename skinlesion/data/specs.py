@@ -101,7 +101,6 @@ class SplitSpec(_Spec):
             object.__setattr__(self, name, value)
 
 
-
 @dataclass(frozen=True)
 class CacheSpec(_Spec):
     """``data.cache``: every image decoded once, at :meth:`source_size`, into a memory-mapped uint8 array."""
@@ -183,7 +182,8 @@ class AugmentSpec(_Spec):
                     f"data.augment.{switch.name}=null is not allowed: give a number, or leave it out for "
                     f"{switch.default}"
                 )
-            object.__setattr__(self, switch.name, bool(value) if isinstance(switch.default, bool) else float(value or 0))
+            typed = bool(value) if isinstance(switch.default, bool) else float(value or 0)
+            object.__setattr__(self, switch.name, typed)
         if self.randaugment and self.trivial_augment:  # the ranges are checked by skinlesion.settings
             raise ConfigError("data.augment: randaugment and trivial_augment are alternatives; set only one of them")
 

@@ -21,7 +21,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from skinlesion.data.specs import SplitSpec
-from skinlesion.errors import SplitChangedError, ConfigError, DataError
+from skinlesion.errors import ConfigError, DataError, SplitChangedError
 from skinlesion.labels import CLASSES
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,8 @@
 It writes the exact on-disk layout of the Kaggle download (``HAM10000_metadata.csv`` with the real
 columns, ``sex, age, localization, dataset, dx_type`` drawn per lesion with plausible shares that depend on
 the diagnosis as in HAM10000 (:data:`CLASS_PATIENTS`), so the subgroup audit has something to split by and
-the metadata fusion model something to learn, ``ISIC_XXXXXXX.jpg`` split over ``HAM10000_images_part_1/`` and ``_part_2/``, 600x450 RGB JPEGs),
+the metadata fusion model something to learn, ``ISIC_XXXXXXX.jpg`` split over ``HAM10000_images_part_1/``
+and ``_part_2/``, 600x450 RGB JPEGs),
 with HAM10000's class proportions, several photos of some lesions, and class-dependent lesion colour,
 shape, border, texture and size on a skin-like background, so that a model can genuinely learn it.
 Beside the metadata it writes ``lesion_geometry.csv`` (centre and radii of each lesion in pixels), which
@@ -24,7 +25,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
 
 from skinlesion import cli
 from skinlesion.data.layouts import HAM_LOCALIZATIONS, HAM_METADATA

@@ -190,9 +190,7 @@ class TorchvisionAugment(A.ImageOnlyTransform):
         return ("magnitude",)
 
 
-def train_transform(
-    pre: Preprocessing, augment: AugmentSpec | Mapping | None, center_crop: bool = False
-) -> A.Compose:
+def train_transform(pre: Preprocessing, augment: AugmentSpec | Mapping | None, center_crop: bool = False) -> A.Compose:
     """The original project's rotation/zoom/shift/brightness plus flips and colour jitter; 0/false = off.
 
     ``center_crop``: augmentation starts from the central crop evaluation sees (:func:`centre_crop`), so
